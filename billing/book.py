@@ -1,0 +1,1187 @@
+"""The book: every customer's subscriptions, what is billed and what is owed, as one pure state
+machine driven by commands (SCENARIOS.md events).
+
+`Book.apply(event)` first applies the transitions due at or before the event's time — usage
+periods closing, period-end changes and cancellations, trial ends, discount ends and starts,
+new periods opening — then the event itself, and returns an `Outcome`: the invoices it issued,
+invoice status changes, the MRR movements it emitted and the movement → invoice line links it
+discovered. It does no I/O and reads no clock; a failing command raises `BookError` and leaves
+the book exactly as it was (the command works on a copy).
+
+Billing rules (SCENARIOS.md "Changes and proration", "Invoices"; Kill Bill's invoice module):
+- Licensed items are billed in advance for the period starting on the billing date, at the state
+  in force at the period's start; usage in arrears for the period that ended on it.
+- An immediate change prorates against the period that contains it, at the state that period is
+  (or will be) billed at: a credit for the old item's unused part and a charge for the new item's
+  remaining part, each rounded on its own. A change at exactly the start of a period that is not
+  billed yet prorates nothing: that period is billed in the new state.
+- A run bills every billing date that has come and is not billed yet, so running twice adds
+  nothing; voided invoices' periods are not billed again.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from fractions import Fraction
+from typing import Literal
+
+from billing.fx import MissingRate, rate_at
+from billing.catalog import AddOn, Catalog, Plan, Priced, price_quantity
+from billing.money import round_money
+from billing.periods import (
+    Grid,
+    Period,
+    day_fraction,
+    fraction_left,
+    instant_of,
+    local_date,
+    local_wall,
+    midnight,
+    monthly_factor,
+    second_fraction,
+)
+from billing.records import (
+    Churn,
+    Contraction,
+    Expansion,
+    Invoice,
+    InvoiceLine,
+    InvoiceStatus,
+    LineKind,
+    LineRef,
+    MrrMovement,
+    New,
+    Reactivation,
+)
+from billing.scenario import (
+    AddAddonEvent,
+    CancelEvent,
+    ChangePlanEvent,
+    ChangeQuantityEvent,
+    CustomerEvent,
+    DiscountEvent,
+    Event,
+    InvoiceRunEvent,
+    PayEvent,
+    Periods,
+    ReactivateEvent,
+    RemoveAddonEvent,
+    Settings,
+    SubscribeEvent,
+    UsageEvent,
+    VoidEvent,
+)
+from billing.usage import UsageRecord, aggregate, rate
+
+Tag = tuple[str, ...]
+
+
+class BookError(ValueError):
+    """A command the book cannot accept; the message names the event and the field."""
+
+
+# ---------------------------------------------------------------------------------------------
+# State
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Items:
+    """What a subscription bills for: its plan with a seat quantity, and add-ons with theirs."""
+
+    plan: str
+    quantity: int
+    addons: dict[str, int] = field(default_factory=dict)
+
+    def copy(self) -> Items:
+        return Items(self.plan, self.quantity, dict(self.addons))
+
+    def priced(self) -> list[tuple[str, str, int]]:
+        """(kind, code, quantity) for the plan and each add-on, plan first."""
+        return [("plan", self.plan, self.quantity)] + [("addon", c, q) for c, q in self.addons.items()]
+
+
+@dataclass
+class LicensedPeriod:
+    period: Period
+    items: Items
+
+
+@dataclass
+class UsagePeriod:
+    start: datetime
+    end: datetime
+    plan: str
+    ended_by_cancel: bool = False
+
+
+@dataclass
+class Scheduled:
+    cause: str
+    index: int | None
+    plan: str | None = None
+    quantity: int | None = None
+    addon: str | None = None
+    addon_quantity: int | None = None
+
+
+@dataclass
+class Subscription:
+    id: str
+    customer: str
+    order: int
+    billing_day: int | None
+    status: Literal["trialing", "active", "cancelled"]
+    items: Items
+    trial_end: datetime | None = None
+    grid: Grid | None = None
+    current: Period | None = None
+    stage: int = -1
+    unbilled: list[LicensedPeriod] = field(default_factory=list)
+    usage_open: datetime | None = None
+    usage_unbilled: list[UsagePeriod] = field(default_factory=list)
+    usage: list[UsageRecord] = field(default_factory=list)
+    usage_keys: set[str] = field(default_factory=set)
+    usage_mrr: Fraction = Fraction(0)
+    scheduled: list[Scheduled] = field(default_factory=list)
+    cancel_at_period_end: bool = False
+    cancel_index: int | None = None
+    ended_at: datetime | None = None
+    active_coupons: list[int] = field(default_factory=list)
+
+    @property
+    def next_boundary(self) -> datetime | None:
+        return self.current.end if self.current is not None and self.status == "active" else None
+
+
+@dataclass
+class PendingLine:
+    line: InvoiceLine
+    coverage_start: datetime  # start of the billing period the line belongs to (for coupons)
+    tags: list[Tag]
+
+
+@dataclass
+class Coupon:
+    id: int
+    customer: str
+    subscription: str | None
+    percent: Fraction | None
+    amount: Decimal | None
+    duration: Literal["forever", "once"] | int
+    at: datetime
+    windows: dict[str, tuple[datetime, datetime | None]] = field(default_factory=dict)
+    used: bool = False
+    lasts_until: datetime | None = None
+
+    @property
+    def recurring(self) -> bool:
+        return self.duration != "once"
+
+    def label(self) -> str:
+        if self.percent is not None:
+            return f"{_plain(Decimal(self.percent.numerator) / Decimal(self.percent.denominator))} % off"
+        return f"{self.amount} off"
+
+
+@dataclass
+class Account:
+    """A customer with its currency, tax, timezone, credit balance and current MRR."""
+
+    id: str
+    order: int
+    currency: str
+    tax_rate: Decimal
+    tz: str
+    tags: dict[str, str]
+    locale: str
+    name: str
+    created_at: datetime
+    subscriptions: list[str] = field(default_factory=list)
+    credit: Decimal = Decimal(0)
+    mrr: Decimal = Decimal(0)
+    had_mrr: bool = False
+    pending: list[PendingLine] = field(default_factory=list)
+    coupons: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Outcome:
+    """What one command produced."""
+
+    issued: list[Invoice] = field(default_factory=list)
+    status_changes: list[tuple[str, InvoiceStatus]] = field(default_factory=list)
+    movements: list[MrrMovement] = field(default_factory=list)
+    links: list[tuple[int, LineRef]] = field(default_factory=list)
+
+
+@dataclass
+class _Draft:
+    account: Account
+    key: str  # local billing date
+    lines: list[tuple[InvoiceLine, list[Tag]]]
+    coverage: dict[int, datetime] = field(default_factory=dict)  # id(line) -> its period start
+    discount_lines: list[tuple[InvoiceLine, list[Tag]]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# The book
+# ---------------------------------------------------------------------------------------------
+
+
+class Book:
+    def __init__(self, settings: Settings, catalog: Catalog) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.accounts: dict[str, Account] = {}
+        self.subscriptions: dict[str, Subscription] = {}
+        self.coupons: dict[int, Coupon] = {}
+        self.invoices: dict[str, Invoice] = {}
+        self.invoice_order: list[str] = []
+        self.clock: datetime | None = None
+        self.next_invoice = 1
+        self.next_movement = 1
+        self.next_change = 1
+        self.next_coupon = 1
+        self.movement_tags: dict[Tag, list[int]] = {}
+        self.line_tags: dict[Tag, list[LineRef]] = {}
+        self._out = Outcome()
+        self._index: int | None = None
+
+    # -- persistence of the pure state ---------------------------------------------------------
+
+    def dumps(self) -> bytes:
+        return pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
+
+    @staticmethod
+    def loads(data: bytes) -> Book:
+        book = pickle.loads(data)  # noqa: S301 - our own snapshot from our own database
+        if not isinstance(book, Book):
+            raise TypeError("not a Book snapshot")
+        return book
+
+    # -- entry point ---------------------------------------------------------------------------
+
+    def apply(self, event: Event, index: int | None = None) -> Outcome:
+        """Apply due transitions, then the event. On error the book is left unchanged."""
+        work = copy.deepcopy(self)
+        work._out = Outcome()
+        work._index = index
+        try:
+            if work.clock is not None and event.at < work.clock:
+                raise BookError(f"at: time goes backwards ({event.at.isoformat()} is before "
+                                f"{work.clock.isoformat()})")
+            work.clock = event.at
+            work._advance(event.at)
+            work._dispatch(event)
+        except BookError as exc:
+            raise BookError(f"{_where(index, event.type)}{exc}") from None
+        except KeyError as exc:
+            raise BookError(f"{_where(index, event.type)}{exc.args[0]}") from None
+        out = work._out
+        work._out = Outcome()
+        work._index = None
+        self.__dict__.update(work.__dict__)
+        return out
+
+    def _dispatch(self, event: Event) -> None:
+        match event:
+            case CustomerEvent():
+                self._customer(event)
+            case SubscribeEvent():
+                self._subscribe(event)
+            case ChangeQuantityEvent():
+                self._change(event.at, event.subscription, "change_quantity", event.effective,
+                             quantity=event.quantity)
+            case ChangePlanEvent():
+                self._change(event.at, event.subscription, "change_plan", event.effective,
+                             plan=event.plan, quantity=event.quantity)
+            case AddAddonEvent():
+                self._change(event.at, event.subscription, "add_addon", event.effective,
+                             addon=event.addon, addon_quantity=event.quantity)
+            case RemoveAddonEvent():
+                self._change(event.at, event.subscription, "remove_addon", event.effective,
+                             addon=event.addon)
+            case UsageEvent():
+                self._usage(event)
+            case DiscountEvent():
+                self._discount(event)
+            case CancelEvent():
+                self._cancel(event)
+            case ReactivateEvent():
+                self._reactivate(event)
+            case InvoiceRunEvent():
+                self._invoice_run(event.at)
+            case PayEvent():
+                self._pay(event)
+            case VoidEvent():
+                self._void(event)
+
+    # -- lookups -------------------------------------------------------------------------------
+
+    def _account(self, customer: str) -> Account:
+        try:
+            return self.accounts[customer]
+        except KeyError:
+            raise BookError(f"customer: unknown customer {customer!r}") from None
+
+    def _subscription(self, sub_id: str) -> Subscription:
+        try:
+            return self.subscriptions[sub_id]
+        except KeyError:
+            raise BookError(f"subscription: unknown subscription {sub_id!r}") from None
+
+    def _plan(self, code: str, currency: str, what: str = "plan") -> Plan:
+        try:
+            plan = self.catalog.plan(code)
+        except KeyError:
+            raise BookError(f"{what}: unknown plan {code!r}") from None
+        if not plan.has_price(currency):
+            raise BookError(f"{what}: plan {code!r} has no price in {currency}")
+        return plan
+
+    def _addon(self, code: str, currency: str, plan: Plan, what: str = "addon") -> AddOn:
+        try:
+            addon = self.catalog.addon(code)
+        except KeyError:
+            raise BookError(f"{what}: unknown addon {code!r}") from None
+        if not addon.has_price(currency):
+            raise BookError(f"{what}: addon {code!r} has no price in {currency}")
+        if (addon.interval, addon.interval_count) != (plan.interval, plan.interval_count):
+            raise BookError(f"{what}: addon {code!r} bills every {addon.interval_count} {addon.interval}, "
+                            f"plan {plan.code!r} every {plan.interval_count} {plan.interval}")
+        return addon
+
+    def _item(self, kind: str, code: str) -> Priced:
+        return self.catalog.plan(code) if kind == "plan" else self.catalog.addon(code)
+
+    @property
+    def _policy(self) -> Literal["day", "second", "none"]:
+        return self.settings.proration
+
+    def _origin(self, at: datetime, tz: str) -> datetime:
+        """Where billing starts for something starting at `at`: local midnight, or the instant."""
+        return at if self._policy == "second" else midnight(local_date(at, tz), tz)
+
+    def _grid(self, sub: Subscription, plan: Plan, origin: datetime, tz: str) -> Grid:
+        return Grid(tz=tz, interval=plan.interval, count=plan.interval_count,
+                    anchor=local_wall(origin, tz), origin=origin, billing_day=sub.billing_day)
+
+    # -- commands ------------------------------------------------------------------------------
+
+    def _customer(self, ev: CustomerEvent) -> None:
+        if ev.customer in self.accounts:
+            raise BookError(f"customer: customer {ev.customer!r} already exists")
+        cur = ev.currency
+        rep = self.settings.reporting_currency
+        if cur != rep and not any(r.currency == cur for r in self.settings.fx_rates):
+            raise BookError(f"currency: no fx rate for {cur} in {rep} (settings.fx_rates)")
+        self.accounts[ev.customer] = Account(
+            id=ev.customer, order=len(self.accounts), currency=cur, tax_rate=ev.tax_rate,
+            tz=ev.timezone, tags=dict(ev.tags), locale=ev.locale, name=ev.name or ev.customer,
+            created_at=ev.at)
+
+    def _subscribe(self, ev: SubscribeEvent) -> None:
+        acct = self._account(ev.customer)
+        if ev.subscription in self.subscriptions:
+            raise BookError(f"subscription: subscription {ev.subscription!r} already exists")
+        plan = self._plan(ev.plan, acct.currency)
+        if ev.billing_day is not None and plan.interval not in ("month", "year"):
+            raise BookError("billing_day: only month- and year-based plans take a billing_day")
+        addons: dict[str, int] = {}
+        for i, entry in enumerate(ev.addons):
+            self._addon(entry.addon, acct.currency, plan, what=f"addons[{i}].addon")
+            if entry.addon in addons:
+                raise BookError(f"addons[{i}].addon: addon {entry.addon!r} listed twice")
+            addons[entry.addon] = entry.quantity
+        trial_days = plan.trial_days if ev.trial_days is None else ev.trial_days
+        sub = Subscription(id=ev.subscription, customer=acct.id, order=len(self.subscriptions),
+                           billing_day=ev.billing_day, status="active",
+                           items=Items(plan.code, ev.quantity, addons))
+        self.subscriptions[sub.id] = sub
+        acct.subscriptions.append(sub.id)
+        if trial_days > 0:
+            sub.status = "trialing"
+            if self._policy == "second":
+                wall = local_wall(ev.at, acct.tz) + timedelta(days=trial_days)
+                sub.trial_end = instant_of(wall, acct.tz)
+            else:
+                sub.trial_end = midnight(local_date(ev.at, acct.tz) + timedelta(days=trial_days), acct.tz)
+            self._attach_customer_coupons(acct, sub)
+            return
+        self._start(sub, acct, self._origin(ev.at, acct.tz), ev.at, "subscribe")
+
+    def _start(self, sub: Subscription, acct: Account, origin: datetime, at: datetime, cause: str) -> None:
+        """Open the subscription's first period at `origin` and move MRR (new / cross-sell)."""
+        plan = self.catalog.plan(sub.items.plan)
+        sub.status = "active"
+        sub.grid = self._grid(sub, plan, origin, acct.tz)
+        first = sub.grid.period_containing(origin)
+        sub.current = first
+        sub.stage = -1
+        sub.unbilled.append(LicensedPeriod(first, sub.items.copy()))
+        sub.usage_open = first.start
+        self._attach_customer_coupons(acct, sub)
+        for coupon in self._coupons_of(sub):
+            window = coupon.windows.get(sub.id)
+            if coupon.recurring and window is not None and window[0] == first.start:
+                sub.active_coupons.append(coupon.id)
+        self._emit(acct, at, cause, sub, [("per", sub.id, _k(first.start))])
+
+    def _change(self, at: datetime, sub_id: str, cause: str, effective: str, *, plan: str | None = None,
+                quantity: int | None = None, addon: str | None = None,
+                addon_quantity: int | None = None) -> None:
+        sub = self._subscription(sub_id)
+        acct = self.accounts[sub.customer]
+        if sub.status == "cancelled":
+            raise BookError(f"subscription: subscription {sub_id!r} is cancelled")
+        change = Scheduled(cause=cause, index=self._index, plan=plan, quantity=quantity, addon=addon,
+                           addon_quantity=addon_quantity)
+        new_items = self._changed_items(sub, acct, change)  # validates
+        if effective == "period_end":
+            sub.scheduled.append(change)
+            return
+        if sub.status == "trialing":
+            sub.items = new_items
+            return
+        self._apply_change(sub, acct, at, new_items, cause, at_boundary=False)
+
+    def _changed_items(self, sub: Subscription, acct: Account, change: Scheduled) -> Items:
+        items = sub.items.copy()
+        current_plan = self.catalog.plan(items.plan)
+        if change.cause == "change_quantity":
+            assert change.quantity is not None
+            items.quantity = change.quantity
+        elif change.cause == "change_plan":
+            assert change.plan is not None
+            new_plan = self._plan(change.plan, acct.currency)
+            interval_changes = (new_plan.interval, new_plan.interval_count) != (
+                current_plan.interval, current_plan.interval_count)
+            if interval_changes and items.addons:
+                raise BookError(f"plan: changing the interval of {sub.id!r} needs its add-ons removed first")
+            if new_plan.interval not in ("month", "year") and sub.billing_day is not None:
+                raise BookError(f"plan: {new_plan.code!r} is not month- or year-based and "
+                                f"{sub.id!r} has a billing_day")
+            items.plan = new_plan.code
+            if change.quantity is not None:
+                items.quantity = change.quantity
+        elif change.cause == "add_addon":
+            assert change.addon is not None and change.addon_quantity is not None
+            self._addon(change.addon, acct.currency, current_plan)
+            items.addons[change.addon] = change.addon_quantity
+        elif change.cause == "remove_addon":
+            assert change.addon is not None
+            if change.addon not in items.addons:
+                raise BookError(f"addon: subscription {sub.id!r} has no addon {change.addon!r}")
+            del items.addons[change.addon]
+        return items
+
+    def _apply_change(self, sub: Subscription, acct: Account, at: datetime, new_items: Items, cause: str,
+                      *, at_boundary: bool) -> None:
+        """Apply an item change effective at `at` (an immediate change, or a scheduled one at a
+        period boundary before the new period opens), with its prorations and movement."""
+        assert sub.current is not None and sub.grid is not None
+        old = sub.items
+        old_plan = self.catalog.plan(old.plan)
+        new_plan = self.catalog.plan(new_items.plan)
+        period = sub.current
+        cid = self._new_change_id()
+        tags: list[Tag] = [("chg", str(cid))]
+        regrid = (old_plan.interval, old_plan.interval_count) != (new_plan.interval, new_plan.interval_count)
+        open_period = self._unbilled_at(sub, period.start)
+        if at_boundary:
+            # the period starting here is not open yet; it will be billed in the new state
+            tags.append(("per", sub.id, _k(at)))
+        elif open_period is not None and at == period.start:
+            if regrid:
+                sub.unbilled.remove(open_period)
+            else:
+                open_period.items = new_items.copy()
+                tags.append(("per", sub.id, _k(at)))
+        elif self._policy != "none":
+            frac = fraction_left(at, period, acct.tz, self._policy)
+            self._prorate(sub, acct, old, new_items if not regrid else None, at, period, frac, cid)
+        sub.items = new_items
+        if regrid:
+            grid = Grid(tz=acct.tz, interval=new_plan.interval, count=new_plan.interval_count,
+                        anchor=sub.grid.anchor, origin=sub.grid.origin, billing_day=sub.billing_day)
+            sub.grid = grid
+            own = grid.period_containing(at)
+            if own.start == at:
+                sub.current = own
+                if not at_boundary:
+                    sub.unbilled.append(LicensedPeriod(own, new_items.copy()))
+                    tags.append(("per", sub.id, _k(at)))
+            else:
+                frac = second_fraction(at, own) if self._policy == "second" else day_fraction(at, own, acct.tz)
+                self._prorate(sub, acct, None, new_items, at, own, frac, cid)
+                sub.current = own
+                sub.stage = -1
+        self._flush_immediate(acct, cid)
+        self._emit(acct, at, cause, sub, tags)
+
+    def _prorate(self, sub: Subscription, acct: Account, old: Items | None, new: Items | None,
+                 at: datetime, period: Period, frac: Fraction, cid: int) -> None:
+        """Credit the old items' unused part and charge the new items' remaining part, per item
+        that changed (plan before add-ons), each line rounded on its own."""
+        old_map = {(k, c): q for k, c, q in old.priced()} if old is not None else {}
+        new_map = {(k, c): q for k, c, q in new.priced()} if new is not None else {}
+        keys = list(old_map) + [k for k in new_map if k not in old_map]
+        keys.sort(key=lambda k: 0 if k[0] == "plan" else 1)
+        start = at if self._policy == "second" else midnight(local_date(at, acct.tz), acct.tz)
+        for key in keys:
+            before, after = old_map.get(key), new_map.get(key)
+            if before is not None and after is not None:
+                item = self._item(key[0], key[1])
+                if price_quantity(item, Fraction(before), acct.currency) == price_quantity(
+                        item, Fraction(after), acct.currency):
+                    continue
+            for sign, qty in ((-1, before), (1, after)):
+                if qty is None:
+                    continue
+                item = self._item(key[0], key[1])
+                full = price_quantity(item, Fraction(qty), acct.currency)
+                amount = round_money(full * frac * sign, acct.currency, self.settings.rounding)
+                what = "Unused time on" if sign < 0 else "Remaining time on"
+                line = InvoiceLine(
+                    kind="proration",
+                    description=f"{what} {_describe(item, qty)}",
+                    subscription=sub.id,
+                    quantity=Decimal(_shown_quantity(item, qty)),
+                    unit_amount=item.unit_price(acct.currency),
+                    amount=amount,
+                    period_start=start,
+                    period_end=period.end,
+                )
+                acct.pending.append(PendingLine(line, period.start, [("chg", str(cid))]))
+
+    def _flush_immediate(self, acct: Account, cid: int) -> None:
+        """With `proration_invoicing: immediate`, issue this change's lines on an invoice now."""
+        if self.settings.proration_invoicing != "immediate":
+            return
+        mine = [p for p in acct.pending if ("chg", str(cid)) in p.tags]
+        if not mine:
+            return
+        acct.pending = [p for p in acct.pending if p not in mine]
+        assert self.clock is not None
+        draft = _Draft(acct, local_date(self.clock, acct.tz).isoformat(),
+                       [(p.line, p.tags) for p in mine], {id(p.line): p.coverage_start for p in mine})
+        self._apply_coupons(draft, proration_only=True)
+        self._finalize([draft], self.clock)
+
+    def _unbilled_at(self, sub: Subscription, start: datetime) -> LicensedPeriod | None:
+        for lp in sub.unbilled:
+            if lp.period.start == start:
+                return lp
+        return None
+
+    def _usage(self, ev: UsageEvent) -> None:
+        sub = self._subscription(ev.subscription)
+        try:
+            metric = self.catalog.metric(ev.metric)
+        except KeyError:
+            raise BookError(f"metric: unknown metric {ev.metric!r}") from None
+        plan = self.catalog.plan(sub.items.plan)
+        if metric.code not in {m.code for m in self.catalog.plan_metrics(plan)}:
+            raise BookError(f"metric: metric {ev.metric!r} is not billed on plan {plan.code!r}")
+        if sub.status == "cancelled":
+            raise BookError(f"subscription: {sub.id!r} ended; usage at {ev.at.isoformat()} is outside its life")
+        if ev.id in sub.usage_keys:
+            return  # a repeated id is ignored, never billed twice
+        sub.usage_keys.add(ev.id)
+        sub.usage.append(UsageRecord(ev.at, ev.metric, ev.value, ev.id, dict(ev.properties)))
+
+    def _discount(self, ev: DiscountEvent) -> None:
+        if ev.subscription is not None:
+            sub = self._subscription(ev.subscription)
+            if sub.status == "cancelled":
+                raise BookError(f"subscription: subscription {sub.id!r} is cancelled")
+            acct = self.accounts[sub.customer]
+            targets = [sub]
+        else:
+            assert ev.customer is not None
+            acct = self._account(ev.customer)
+            targets = [self.subscriptions[s] for s in acct.subscriptions
+                       if self.subscriptions[s].status != "cancelled"]
+        duration: Literal["forever", "once"] | int
+        duration = ev.duration.periods if isinstance(ev.duration, Periods) else ev.duration
+        coupon = Coupon(id=self.next_coupon, customer=acct.id, subscription=ev.subscription,
+                        percent=Fraction(ev.percent) / 100 if ev.percent is not None else None,
+                        amount=ev.amount, duration=duration, at=ev.at)
+        self.next_coupon += 1
+        self.coupons[coupon.id] = coupon
+        acct.coupons.append(coupon.id)
+        if not coupon.recurring:
+            return
+        for sub in targets:
+            self._add_window(coupon, sub, acct)
+        ends = [end for _, end in coupon.windows.values()]
+        coupon.lasts_until = None if duration == "forever" or not ends else max(e for e in ends if e)
+        for sub in sorted(targets, key=lambda s: s.order):
+            window = coupon.windows.get(sub.id)
+            if sub.status == "active" and window is not None and window[0] == ev.at:
+                sub.active_coupons.append(coupon.id)
+                self._emit(acct, ev.at, "discount", sub, [("cpn", str(coupon.id), sub.id, _k(ev.at))])
+
+    def _add_window(self, coupon: Coupon, sub: Subscription, acct: Account, *, starting: bool = False) -> None:
+        """The periods a recurring coupon covers on `sub`: those starting at or after the coupon,
+        N of them for `{"periods": N}`."""
+        if sub.status == "trialing":
+            assert sub.trial_end is not None
+            plan = self.catalog.plan(sub.items.plan)
+            grid = self._grid(sub, plan, sub.trial_end, acct.tz)
+            first = grid.period_containing(sub.trial_end)
+        else:
+            assert sub.grid is not None and sub.current is not None
+            grid = sub.grid
+            starts_now = starting or sub.current.start >= coupon.at
+            first = sub.current if starts_now else grid.period_containing(sub.current.end)
+        end: datetime | None = None
+        if isinstance(coupon.duration, int):
+            period = first
+            for _ in range(coupon.duration - 1):
+                period = grid.period_containing(period.end)
+            end = period.end
+        coupon.windows[sub.id] = (first.start, end)
+
+    def _attach_customer_coupons(self, acct: Account, sub: Subscription) -> None:
+        """A customer coupon covers subscriptions that start while it lasts."""
+        for cid in acct.coupons:
+            coupon = self.coupons[cid]
+            if coupon.subscription is not None or not coupon.recurring or sub.id in coupon.windows:
+                continue
+            assert self.clock is not None
+            if coupon.duration == "forever" or coupon.lasts_until is None or self.clock < coupon.lasts_until:
+                if sub.status == "trialing" or sub.current is not None:
+                    self._add_window(coupon, sub, acct, starting=True)
+
+    def _coupons_of(self, sub: Subscription) -> list[Coupon]:
+        acct = self.accounts[sub.customer]
+        return [self.coupons[c] for c in acct.coupons
+                if self.coupons[c].subscription in (None, sub.id)]
+
+    def _cancel(self, ev: CancelEvent) -> None:
+        sub = self._subscription(ev.subscription)
+        acct = self.accounts[sub.customer]
+        if sub.status == "cancelled":
+            raise BookError(f"subscription: subscription {sub.id!r} is already cancelled")
+        if ev.effective == "period_end":
+            sub.cancel_at_period_end = True
+            sub.cancel_index = self._index
+            return
+        if sub.status == "trialing":
+            sub.status = "cancelled"
+            sub.ended_at = ev.at
+            return
+        self._end(sub, acct, ev.at, immediate=True)
+
+    def _end(self, sub: Subscription, acct: Account, at: datetime, *, immediate: bool) -> None:
+        assert sub.current is not None
+        cid = self._new_change_id()
+        tags: list[Tag] = []
+        if immediate:
+            period = sub.current
+            open_period = self._unbilled_at(sub, period.start)
+            if open_period is not None and at == period.start:
+                sub.unbilled.remove(open_period)
+            elif self._policy != "none":
+                frac = fraction_left(at, period, acct.tz, self._policy)
+                self._prorate(sub, acct, sub.items, None, at, period, frac, cid)
+                tags.append(("chg", str(cid)))
+            if sub.usage_open is not None and sub.usage_open < at and self._metrics_of(sub):
+                sub.usage_unbilled.append(UsagePeriod(sub.usage_open, at, sub.items.plan, ended_by_cancel=True))
+        sub.usage_open = None
+        sub.status = "cancelled"
+        sub.ended_at = at
+        sub.scheduled.clear()
+        sub.cancel_at_period_end = False
+        sub.active_coupons.clear()
+        sub.usage_mrr = Fraction(0)
+        self._flush_immediate(acct, cid)
+        self._emit(acct, at, "cancel", sub, tags)
+
+    def _reactivate(self, ev: ReactivateEvent) -> None:
+        sub = self._subscription(ev.subscription)
+        acct = self.accounts[sub.customer]
+        if sub.status != "cancelled":
+            if not sub.cancel_at_period_end:
+                raise BookError(f"subscription: subscription {sub.id!r} has no cancellation to undo")
+            sub.cancel_at_period_end = False
+            sub.cancel_index = None
+            return
+        sub.usage_mrr = Fraction(0)
+        sub.ended_at = None
+        self._start(sub, acct, self._origin(ev.at, acct.tz), ev.at, "reactivate")
+
+    def _pay(self, ev: PayEvent) -> None:
+        invoice = self._invoice(ev.invoice)
+        if invoice.status != "finalized":
+            raise BookError(f"invoice: invoice {ev.invoice!r} is {invoice.status}, not awaiting payment")
+        self.invoices[ev.invoice] = invoice.with_status("paid")
+        self._out.status_changes.append((ev.invoice, "paid"))
+
+    def _void(self, ev: VoidEvent) -> None:
+        invoice = self._invoice(ev.invoice)
+        if invoice.status != "finalized":
+            raise BookError(f"invoice: only a finalized unpaid invoice can be voided; {ev.invoice!r} is "
+                            f"{invoice.status}")
+        self.accounts[invoice.customer].credit += invoice.credit_applied
+        self.invoices[ev.invoice] = invoice.with_status("void")
+        self._out.status_changes.append((ev.invoice, "void"))
+
+    def _invoice(self, number: str) -> Invoice:
+        try:
+            return self.invoices[number]
+        except KeyError:
+            raise BookError(f"invoice: unknown invoice {number!r}") from None
+
+    def _new_change_id(self) -> int:
+        cid = self.next_change
+        self.next_change += 1
+        return cid
+
+    def _metrics_of(self, sub: Subscription) -> list[str]:
+        return [m.code for m in self.catalog.plan_metrics(self.catalog.plan(sub.items.plan))]
+
+    # -- transitions ---------------------------------------------------------------------------
+
+    def _advance(self, until: datetime) -> None:
+        """Apply every transition due at or before `until`, in time order; at one instant:
+        usage periods close, period-end changes and cancellations, trial ends, discount ends,
+        discount starts, then the new period opens; subscriptions in creation order."""
+        while True:
+            best: tuple[datetime, int, int] | None = None
+            best_sub: Subscription | None = None
+            for sub in self.subscriptions.values():
+                due = self._next_transition(sub)
+                if due is not None and due[0] <= until and (best is None or due < best):
+                    best, best_sub = due, sub
+            if best is None or best_sub is None:
+                return
+            self._transition(best_sub, best[0], best[1])
+
+    def _next_transition(self, sub: Subscription) -> tuple[datetime, int, int] | None:
+        if sub.status == "trialing":
+            assert sub.trial_end is not None
+            stage = 1 if (sub.scheduled or sub.cancel_at_period_end) else 2
+            return (sub.trial_end, stage, sub.order)
+        if sub.status != "active" or sub.current is None:
+            return None
+        b = sub.current.end
+        for stage in range(sub.stage + 1, 6):
+            if self._stage_relevant(sub, b, stage):
+                return (b, stage, sub.order)
+        return None
+
+    def _stage_relevant(self, sub: Subscription, b: datetime, stage: int) -> bool:
+        if stage == 0:
+            return sub.usage_open is not None and bool(self._metrics_of(sub))
+        if stage == 1:
+            return bool(sub.scheduled) or sub.cancel_at_period_end
+        if stage == 3:
+            return any(self.coupons[c].windows.get(sub.id, (b, None))[1] == b for c in sub.active_coupons)
+        if stage == 4:
+            return any(c.recurring and c.id not in sub.active_coupons and c.windows.get(sub.id, (None,))[0] == b
+                       for c in self._coupons_of(sub))
+        return stage == 5
+
+    def _transition(self, sub: Subscription, at: datetime, stage: int) -> None:
+        acct = self.accounts[sub.customer]
+        saved_index = self._index
+        self._index = None
+        try:
+            if sub.status == "trialing":
+                self._trial_transition(sub, acct, at, stage)
+                return
+            sub.stage = stage
+            if stage == 0:
+                self._close_usage(sub, acct, at)
+            elif stage == 1:
+                self._period_end_changes(sub, acct, at)
+            elif stage == 3:
+                ending = [c for c in sub.active_coupons if self.coupons[c].windows[sub.id][1] == at]
+                for cid in ending:
+                    sub.active_coupons.remove(cid)
+                self._emit(acct, at, "discount_end", sub, [("per", sub.id, _k(at))])
+            elif stage == 4:
+                for coupon in self._coupons_of(sub):
+                    window = coupon.windows.get(sub.id)
+                    if coupon.recurring and window is not None and window[0] == at \
+                            and coupon.id not in sub.active_coupons:
+                        sub.active_coupons.append(coupon.id)
+                        self._emit(acct, at, "discount", sub, [("cpn", str(coupon.id), sub.id, _k(at))])
+            elif stage == 5:
+                assert sub.grid is not None
+                period = sub.grid.period_containing(at)
+                sub.current = period
+                sub.stage = -1
+                sub.unbilled.append(LicensedPeriod(period, sub.items.copy()))
+        finally:
+            self._index = saved_index
+
+    def _trial_transition(self, sub: Subscription, acct: Account, at: datetime, stage: int) -> None:
+        if stage == 1:
+            for change in sub.scheduled:
+                sub.items = self._changed_items(sub, acct, change)
+            sub.scheduled.clear()
+            if sub.cancel_at_period_end:
+                sub.status = "cancelled"
+                sub.ended_at = at
+                sub.cancel_at_period_end = False
+            return
+        self._start(sub, acct, at, at, "trial_end")
+
+    def _period_end_changes(self, sub: Subscription, acct: Account, at: datetime) -> None:
+        changes, sub.scheduled = sub.scheduled, []
+        for change in changes:
+            self._index = change.index
+            new_items = self._changed_items(sub, acct, change)
+            self._apply_change(sub, acct, at, new_items, change.cause, at_boundary=True)
+        if sub.cancel_at_period_end:
+            self._index = sub.cancel_index
+            self._end(sub, acct, at, immediate=False)
+
+    def _close_usage(self, sub: Subscription, acct: Account, at: datetime) -> None:
+        """A usage period closes: bill it at the next run; its rated amount becomes the usage
+        part of MRR (net of percent coupons), one movement for all its metrics."""
+        assert sub.usage_open is not None
+        period = UsagePeriod(sub.usage_open, at, sub.items.plan)
+        sub.usage_unbilled.append(period)
+        sub.usage_open = at
+        if not self.settings.usage_in_mrr:
+            return
+        amount = sum((Fraction(line.amount) for line in self._usage_lines(sub, acct, period)), Fraction(0))
+        for coupon in self._coupons_of(sub):
+            window = coupon.windows.get(sub.id)
+            if coupon.percent is not None and window is not None and _covers(window, period.start):
+                amount *= 1 - coupon.percent
+        plan = self.catalog.plan(period.plan)
+        sub.usage_mrr = amount * monthly_factor(plan.interval, plan.interval_count)
+        self._emit(acct, at, "usage", sub, [("use", sub.id, _k(at))])
+
+    # -- MRR -----------------------------------------------------------------------------------
+
+    def _subscription_mrr(self, sub: Subscription, currency: str) -> Fraction:
+        """Monthly recurring amount of one subscription: plan + seats + add-ons net of recurring
+        coupons, plus the usage part; nothing while trialing or after it ended."""
+        if sub.status != "active":
+            return Fraction(0)
+        plan = self.catalog.plan(sub.items.plan)
+        base = Fraction(0)
+        for kind, code, qty in sub.items.priced():
+            base += price_quantity(self._item(kind, code), Fraction(qty), currency)
+        for cid in sub.active_coupons:
+            coupon = self.coupons[cid]
+            if coupon.percent is not None:
+                base -= base * coupon.percent
+            elif coupon.amount is not None:
+                base -= min(Fraction(coupon.amount), base)
+        recurring = base * monthly_factor(plan.interval, plan.interval_count)
+        return recurring + (sub.usage_mrr if self.settings.usage_in_mrr else Fraction(0))
+
+    def customer_mrr(self, customer: str) -> Decimal:
+        acct = self.accounts[customer]
+        exact = sum((self._subscription_mrr(self.subscriptions[s], acct.currency)
+                     for s in acct.subscriptions), Fraction(0))
+        return round_money(exact, acct.currency, self.settings.rounding)
+
+    def _emit(self, acct: Account, at: datetime, cause: str, sub: Subscription | None, tags: list[Tag]) -> None:
+        """Emit one movement when the customer's rounded MRR changed (SCENARIOS.md, movements)."""
+        before = acct.mrr
+        after = self.customer_mrr(acct.id)
+        if after == before:
+            return
+        delta = after - before
+        rep = self.settings.reporting_currency
+        reporting = round_money(Fraction(delta) * self.fx_rate(acct.currency, at), rep, self.settings.rounding)
+        common = dict(id=self.next_movement, at=at, customer=acct.id,
+                      subscription=sub.id if sub is not None else None, currency=acct.currency,
+                      mrr_before=before, mrr_after=after, delta=delta, reporting_currency=rep,
+                      reporting_delta=reporting, cause=cause, event_index=self._index)
+        movement: MrrMovement
+        if before == 0:
+            movement = Reactivation(**common) if acct.had_mrr else New(**common)  # type: ignore[arg-type]
+        elif after == 0:
+            movement = Churn(**common)  # type: ignore[arg-type]
+        elif after > before:
+            movement = Expansion(subtype=_EXPANSION_SUBTYPE.get(cause, "cross_sell"), **common)  # type: ignore[arg-type]
+        else:
+            movement = Contraction(subtype=_CONTRACTION_SUBTYPE.get(cause, "cancel"), **common)  # type: ignore[arg-type]
+        self.next_movement += 1
+        acct.mrr = after
+        if after > 0:
+            acct.had_mrr = True
+        self._out.movements.append(movement)
+        for tag in tags:
+            self.movement_tags.setdefault(tag, []).append(movement.id)
+            for ref in self.line_tags.get(tag, []):
+                self._out.links.append((movement.id, ref))
+
+    def fx_rate(self, currency: str, at: datetime) -> Fraction:
+        """Value of one unit of `currency` in the reporting currency at `at` (billing.fx)."""
+        try:
+            return rate_at(self.settings, currency, at)
+        except MissingRate as exc:
+            raise BookError(str(exc)) from None
+
+    # -- invoicing -----------------------------------------------------------------------------
+
+    def _invoice_run(self, at: datetime) -> None:
+        """Bill every billing date that has come by `at` and is not billed yet: per customer one
+        invoice per date, oldest first; pending prorations on the customer's first invoice."""
+        drafts: list[_Draft] = []
+        for acct in sorted(self.accounts.values(), key=lambda a: a.order):
+            drafts.extend(self._draft_customer(acct, at))
+        drafts.sort(key=lambda d: (d.key, d.account.order))
+        self._finalize(drafts, at)
+
+    def _draft_customer(self, acct: Account, at: datetime) -> list[_Draft]:
+        groups: dict[str, list[tuple[Subscription, LicensedPeriod | UsagePeriod]]] = {}
+        for sub_id in acct.subscriptions:
+            sub = self.subscriptions[sub_id]
+            for lp in list(sub.unbilled):
+                if lp.period.start <= at:
+                    groups.setdefault(local_date(lp.period.start, acct.tz).isoformat(), []).append((sub, lp))
+                    sub.unbilled.remove(lp)
+            for up in list(sub.usage_unbilled):
+                if up.end <= at:
+                    groups.setdefault(local_date(up.end, acct.tz).isoformat(), []).append((sub, up))
+                    sub.usage_unbilled.remove(up)
+        drafts: list[_Draft] = []
+        for key in sorted(groups):
+            coverage: dict[int, datetime] = {}
+            plan_lines: list[tuple[InvoiceLine, list[Tag]]] = []
+            addon_lines: list[tuple[InvoiceLine, list[Tag]]] = []
+            usage_lines: list[tuple[InvoiceLine, list[Tag]]] = []
+            for sub, billed in groups[key]:
+                if isinstance(billed, LicensedPeriod):
+                    for line in self._licensed_lines(sub, acct, billed):
+                        target = plan_lines if line.kind == "plan" else addon_lines
+                        target.append((line, [("per", sub.id, _k(billed.period.start))]))
+                        coverage[id(line)] = billed.period.start
+                else:
+                    for line in self._usage_lines(sub, acct, billed):
+                        usage_lines.append((line, [("use", sub.id, _k(billed.end))]))
+                        coverage[id(line)] = billed.start
+            for lines in (plan_lines, addon_lines, usage_lines):
+                lines.sort(key=lambda pair: self.subscriptions[pair[0].subscription or ""].order)
+            drafts.append(_Draft(acct, key, plan_lines + addon_lines + usage_lines, coverage))
+        if acct.pending:
+            if not drafts:
+                drafts.append(_Draft(acct, local_date(at, acct.tz).isoformat(), []))
+            first = drafts[0]
+            for pending in acct.pending:
+                first.lines.append((pending.line, pending.tags))
+                first.coverage[id(pending.line)] = pending.coverage_start
+            acct.pending = []
+        for draft in drafts:
+            prorations_only = all(line.kind == "proration" for line, _ in draft.lines)
+            self._apply_coupons(draft, proration_only=prorations_only)
+        return drafts
+
+    def _licensed_lines(self, sub: Subscription, acct: Account, lp: LicensedPeriod) -> list[InvoiceLine]:
+        period = lp.period
+        share = Fraction(1)
+        if period.partial:
+            share = (second_fraction(period.start, period) if self._policy == "second"
+                     else day_fraction(period.start, period, acct.tz))
+        lines = []
+        for kind, code, qty in lp.items.priced():
+            item = self._item(kind, code)
+            amount = round_money(price_quantity(item, Fraction(qty), acct.currency) * share,
+                                 acct.currency, self.settings.rounding)
+            lines.append(InvoiceLine(
+                kind="plan" if kind == "plan" else "addon",
+                description=_describe(item, qty),
+                subscription=sub.id,
+                quantity=Decimal(_shown_quantity(item, qty)),
+                unit_amount=item.unit_price(acct.currency),
+                amount=amount,
+                period_start=period.start,
+                period_end=period.end,
+            ))
+        return lines
+
+    def _usage_lines(self, sub: Subscription, acct: Account, up: UsagePeriod) -> list[InvoiceLine]:
+        plan = self.catalog.plan(up.plan)
+        lines = []
+        for metric in self.catalog.plan_metrics(plan):
+            quantity = aggregate(metric, sub.usage, up.start, up.end)
+            amount = round_money(rate(metric, quantity, acct.currency), acct.currency, self.settings.rounding)
+            lines.append(InvoiceLine(
+                kind="usage",
+                description=f"{metric.name or metric.code} (aggregate {metric.aggregation}, "
+                            f"{_plain(metric.included)} included)",
+                subscription=sub.id,
+                quantity=_fraction_decimal(quantity),
+                unit_amount=metric.unit_price(acct.currency) if metric.pricing != "flat" else metric.prices.get(acct.currency),
+                amount=amount,
+                period_start=up.start,
+                period_end=up.end,
+                included=metric.included,
+            ))
+        return lines
+
+    def _apply_coupons(self, draft: _Draft, *, proration_only: bool) -> None:
+        """Discount lines, one per coupon per invoice it touches: percent coupons on every covered
+        line, amount coupons once per covered subscription per billed period (capped at its lines,
+        never on an invoice of prorations only); several apply in order, each on what is left."""
+        acct = draft.account
+        coverage = draft.coverage
+        remaining = {id(line): Fraction(line.amount) for line, _ in draft.lines}
+        for cid in acct.coupons:
+            coupon = self.coupons[cid]
+            covered = [line for line, _ in draft.lines if line.subscription is not None
+                       and self._covered(coupon, line.subscription, coverage.get(id(line)))]
+            if not covered:
+                continue
+            if coupon.amount is not None and proration_only:
+                continue
+            total = Fraction(0)
+            tags: list[Tag] = []
+            if coupon.percent is not None:
+                for line in covered:
+                    cut = remaining[id(line)] * coupon.percent
+                    remaining[id(line)] -= cut
+                    total += cut
+            else:
+                assert coupon.amount is not None
+                subs = sorted({line.subscription or "" for line in covered if line.kind != "proration"},
+                              key=lambda s: self.subscriptions[s].order)
+                for sub_id in subs:
+                    mine = [line for line in covered if line.subscription == sub_id]
+                    available = sum((remaining[id(line)] for line in mine), Fraction(0))
+                    take = min(Fraction(coupon.amount), max(available, Fraction(0)))
+                    total += take
+                    for line in mine:
+                        part = min(take, max(remaining[id(line)], Fraction(0)))
+                        remaining[id(line)] -= part
+                        take -= part
+            for line in covered:
+                start = coverage.get(id(line))
+                if start is not None and line.subscription is not None:
+                    tag = ("cpn", str(coupon.id), line.subscription, _k(start))
+                    if tag not in tags:
+                        tags.append(tag)
+            if coupon.duration == "once":
+                coupon.used = True
+            amount = round_money(-total, acct.currency, self.settings.rounding)
+            draft.discount_lines.append((InvoiceLine(
+                kind="discount", description=f"Discount: {coupon.label()}", subscription=coupon.subscription,
+                quantity=None, unit_amount=None, amount=amount, period_start=None, period_end=None), tags))
+
+    def _covered(self, coupon: Coupon, sub_id: str, start: datetime | None) -> bool:
+        if coupon.subscription is not None and coupon.subscription != sub_id:
+            return False
+        if coupon.duration == "once":
+            return not coupon.used
+        window = coupon.windows.get(sub_id)
+        return window is not None and start is not None and _covers(window, start)
+
+    def _finalize(self, drafts: list[_Draft], at: datetime) -> None:
+        """Number the drafts in order and compute totals, tax and credit (SCENARIOS.md, Amounts)."""
+        mode = self.settings.rounding
+        for draft in drafts:
+            acct = draft.account
+            cur = acct.currency
+            pairs = draft.lines + draft.discount_lines
+            lines = tuple(line for line, _ in pairs)
+            subtotal = sum((line.amount for line in lines if line.kind != "discount"), Decimal(0))
+            discount = -sum((line.amount for line in lines if line.kind == "discount"), Decimal(0))
+            tax = round_money(Fraction(subtotal - discount) * Fraction(acct.tax_rate), cur, mode)
+            total = subtotal - discount + tax
+            credit_applied = min(acct.credit, total) if total > 0 else Decimal(0)
+            credit_added = -total if total < 0 else Decimal(0)
+            acct.credit += credit_added - credit_applied
+            amount_due = total - credit_applied if total > 0 else Decimal(0)
+            number = f"INV-{self.next_invoice:06d}"
+            self.next_invoice += 1
+            invoice = Invoice(
+                number=number, customer=acct.id, currency=cur,
+                status="paid" if amount_due == 0 else "finalized",
+                issued_at=at, billing_date=draft.key, lines=lines,
+                subtotal=_q(subtotal, cur), discount=_q(discount, cur), tax=tax, total=_q(total, cur),
+                credit_applied=_q(credit_applied, cur), amount_due=_q(amount_due, cur),
+                credit_added=_q(credit_added, cur))
+            self.invoices[number] = invoice
+            self.invoice_order.append(number)
+            self._out.issued.append(invoice)
+            for index, (_, tags) in enumerate(pairs):
+                ref = LineRef(invoice=number, line=index)
+                for tag in tags:
+                    self.line_tags.setdefault(tag, []).append(ref)
+                    for movement_id in self.movement_tags.get(tag, []):
+                        self._out.links.append((movement_id, ref))
+
+    # -- read side -----------------------------------------------------------------------------
+
+    def issued_invoices(self) -> list[Invoice]:
+        return [self.invoices[n] for n in self.invoice_order]
+
+    def current_mrr(self) -> dict[str, Decimal]:
+        return {c: a.mrr for c, a in self.accounts.items()}
+
+
+_EXPANSION_SUBTYPE: dict[str, str] = {
+    "change_quantity": "seat",
+    "change_plan": "upgrade",
+    "add_addon": "add_on",
+    "remove_addon": "add_on",
+    "usage": "usage",
+    "subscribe": "cross_sell",
+    "trial_end": "cross_sell",
+    "reactivate": "cross_sell",
+    "discount_end": "discount_end",
+}
+_CONTRACTION_SUBTYPE: dict[str, str] = {
+    "change_quantity": "seat",
+    "change_plan": "downgrade",
+    "add_addon": "add_on",
+    "remove_addon": "add_on",
+    "usage": "usage",
+    "cancel": "cancel",
+    "discount": "discount",
+}
+
+LINE_KINDS: tuple[LineKind, ...] = ("plan", "addon", "usage", "proration", "discount")
+
+
+def _covers(window: tuple[datetime, datetime | None], start: datetime) -> bool:
+    first, end = window
+    return first <= start and (end is None or start < end)
+
+
+def _k(instant: datetime) -> str:
+    return instant.isoformat()
+
+
+def _q(amount: Decimal, currency: str) -> Decimal:
+    return round_money(amount, currency)
+
+
+def _where(index: int | None, kind: str) -> str:
+    return f"events[{index}] ({kind}): " if index is not None else f"{kind}: "
+
+
+def _plain(value: Decimal) -> str:
+    text = format(value.normalize(), "f")
+    return text
+
+
+def _fraction_decimal(value: Fraction) -> Decimal:
+    if value.denominator == 1:
+        return Decimal(value.numerator)
+    return (Decimal(value.numerator) / Decimal(value.denominator)).quantize(Decimal("0.000001"))
+
+
+def _shown_quantity(item: Priced, qty: int) -> int:
+    return 1 if item.pricing == "flat" else qty
+
+
+def _describe(item: Priced, qty: int) -> str:
+    name = item.name or item.code
+    return name if item.pricing == "flat" else f"{name} × {qty}"

@@ -1,0 +1,124 @@
+"""Money: exact amounts, currency minor units, and the one rounding function.
+
+Rules (SCENARIOS.md, "Conventions"):
+- Money is never a float. Amounts are `Decimal` (exact) or `Fraction` (exact intermediates).
+- A currency's minor unit comes from babel's currency precision (USD 2, JPY 0, KWD 3).
+- Rounding happens in exactly one function, `round_money`, with a named mode
+  (`half_up` default, or `half_even`), at each invoice line, each invoice's tax, each
+  customer's MRR and each conversion to the reporting currency.
+- Storage uses integer minor units, converted only from an already rounded amount.
+"""
+
+from __future__ import annotations
+
+from decimal import ROUND_HALF_EVEN, ROUND_HALF_UP, Decimal, InvalidOperation
+from fractions import Fraction
+from functools import lru_cache
+from typing import Literal
+
+from babel.numbers import format_currency, get_currency_precision, list_currencies
+
+RoundingMode = Literal["half_up", "half_even"]
+
+_DECIMAL_MODES: dict[str, str] = {"half_up": ROUND_HALF_UP, "half_even": ROUND_HALF_EVEN}
+
+
+class MoneyError(ValueError):
+    """A malformed amount or an unknown currency."""
+
+
+@lru_cache(maxsize=None)
+def _known_currencies() -> frozenset[str]:
+    return frozenset(list_currencies())
+
+
+def check_currency(code: str) -> str:
+    """Return the ISO 4217 code if babel knows it, else raise MoneyError."""
+    if code not in _known_currencies():
+        raise MoneyError(f"unknown currency {code!r}")
+    return code
+
+
+@lru_cache(maxsize=None)
+def minor_units(currency: str) -> int:
+    """Digits after the decimal point for `currency` (babel): USD 2, JPY 0, KWD 3."""
+    check_currency(currency)
+    return int(get_currency_precision(currency))
+
+
+def parse_decimal(text: object, *, what: str = "amount") -> Decimal:
+    """Parse a decimal string (or int). Floats, NaN and infinities are rejected."""
+    if isinstance(text, bool) or isinstance(text, float):
+        raise MoneyError(f"{what} must be a decimal string, not {type(text).__name__}")
+    if isinstance(text, int):
+        return Decimal(text)
+    if isinstance(text, Decimal):
+        value = text
+    elif isinstance(text, str):
+        try:
+            value = Decimal(text.strip())
+        except InvalidOperation:
+            raise MoneyError(f"{what} {text!r} is not a decimal number") from None
+    else:
+        raise MoneyError(f"{what} must be a decimal string, not {type(text).__name__}")
+    if not value.is_finite():
+        raise MoneyError(f"{what} {text!r} is not a finite number")
+    if abs(value) >= Decimal(10) ** 15:
+        raise MoneyError(f"{what} {text!r} is too large")
+    return value
+
+
+def to_fraction(value: Decimal | Fraction | int) -> Fraction:
+    return value if isinstance(value, Fraction) else Fraction(value)
+
+
+def round_money(
+    value: Decimal | Fraction | int, currency: str, mode: RoundingMode = "half_up"
+) -> Decimal:
+    """Round an exact amount to the currency's minor unit with the named mode.
+
+    The only place an amount is rounded. Fractions are rounded exactly (no float, no
+    intermediate truncation): the fraction is scaled to minor units and rounded as an
+    integer division.
+    """
+    return round_to_places(value, minor_units(currency), mode)
+
+
+def round_to_places(value: Decimal | Fraction | int, places: int, mode: RoundingMode = "half_up") -> Decimal:
+    """Round exactly to `places` decimals (used for money and for 2-decimal rates)."""
+    frac = to_fraction(value)
+    scaled = frac * (10**places)
+    sign = -1 if scaled < 0 else 1
+    scaled = abs(scaled)
+    whole, rest = divmod(scaled.numerator, scaled.denominator)
+    twice = 2 * rest
+    if twice > scaled.denominator or (
+        twice == scaled.denominator and (mode == "half_up" or whole % 2 == 1)
+    ):
+        whole += 1
+    q = Decimal(sign * whole).scaleb(-places)
+    return q.quantize(Decimal(1).scaleb(-places)) if places > 0 else q.quantize(Decimal(1))
+
+
+def to_minor(amount: Decimal, currency: str) -> int:
+    """Integer minor units of an amount that is already rounded to the currency."""
+    places = minor_units(currency)
+    scaled = amount.scaleb(places)
+    if scaled != scaled.to_integral_value():
+        raise MoneyError(f"{amount} {currency} is not rounded to {places} decimals")
+    return int(scaled)
+
+
+def from_minor(minor: int, currency: str) -> Decimal:
+    places = minor_units(currency)
+    return Decimal(minor).scaleb(-places).quantize(Decimal(1).scaleb(-places))
+
+
+def money_str(amount: Decimal | Fraction | int, currency: str, mode: RoundingMode = "half_up") -> str:
+    """The canonical decimal string of an amount in `currency` ("12.50", "1200", "1.250")."""
+    return str(round_money(amount, currency, mode))
+
+
+def format_money(amount: Decimal, currency: str, locale: str = "en_US") -> str:
+    """Human formatting in a locale (babel), e.g. "$1,500.00" or "1.500,00 €"."""
+    return str(format_currency(amount, currency, locale=locale))

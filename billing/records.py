@@ -1,0 +1,169 @@
+"""What the engine produces: invoices with their lines, and MRR movements.
+
+These are the records persistence stores, the CLI prints and `billing replay --json` emits
+(SCENARIOS.md, "Output"). Amounts are exact `Decimal`s already rounded to the currency's minor
+unit. MRR movements are a pydantic discriminated union on `type`
+(`New | Expansion | Contraction | Churn | Reactivation`); consumers `match` on them.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from billing.money import money_str
+from billing.periods import iso
+
+LineKind = Literal["plan", "addon", "usage", "proration", "discount"]
+InvoiceStatus = Literal["finalized", "paid", "void"]
+ExpansionSubtype = Literal["seat", "upgrade", "add_on", "usage", "cross_sell", "discount_end"]
+ContractionSubtype = Literal["seat", "downgrade", "add_on", "usage", "cancel", "discount"]
+EXPANSION_SUBTYPES: tuple[str, ...] = ("seat", "upgrade", "add_on", "usage", "cross_sell", "discount_end")
+CONTRACTION_SUBTYPES: tuple[str, ...] = ("seat", "downgrade", "add_on", "usage", "cancel", "discount")
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InvoiceLine(Record):
+    kind: LineKind
+    description: str
+    subscription: str | None
+    quantity: Decimal | None
+    unit_amount: Decimal | None
+    amount: Decimal
+    period_start: datetime | None
+    period_end: datetime | None
+    included: Decimal | None = None  # usage lines: units included before billing
+
+
+class Invoice(Record):
+    number: str
+    customer: str
+    currency: str
+    status: InvoiceStatus
+    issued_at: datetime
+    billing_date: str  # local date the invoice bills (YYYY-MM-DD)
+    lines: tuple[InvoiceLine, ...]
+    subtotal: Decimal
+    discount: Decimal
+    tax: Decimal
+    total: Decimal
+    credit_applied: Decimal
+    amount_due: Decimal
+    credit_added: Decimal = Decimal(0)  # a negative total moved to the customer's credit balance
+
+    def with_status(self, status: InvoiceStatus) -> Invoice:
+        return self.model_copy(update={"status": status})
+
+
+class LineRef(Record):
+    invoice: str
+    line: int
+
+
+class MovementBase(Record):
+    id: int
+    at: datetime
+    customer: str
+    subscription: str | None
+    currency: str
+    mrr_before: Decimal
+    mrr_after: Decimal
+    delta: Decimal
+    reporting_currency: str
+    reporting_delta: Decimal
+    cause: str  # the command or transition that moved MRR, e.g. "change_quantity" or "trial_end"
+    event_index: int | None  # the scenario event (or command) that caused it; None for a transition
+    invoice_lines: tuple[LineRef, ...] = ()
+
+
+class New(MovementBase):
+    type: Literal["new"] = "new"
+    subtype: None = None
+
+
+class Expansion(MovementBase):
+    type: Literal["expansion"] = "expansion"
+    subtype: ExpansionSubtype
+
+
+class Contraction(MovementBase):
+    type: Literal["contraction"] = "contraction"
+    subtype: ContractionSubtype
+
+
+class Churn(MovementBase):
+    type: Literal["churn"] = "churn"
+    subtype: None = None
+
+
+class Reactivation(MovementBase):
+    type: Literal["reactivation"] = "reactivation"
+    subtype: None = None
+
+
+MrrMovement = Annotated[New | Expansion | Contraction | Churn | Reactivation, Field(discriminator="type")]
+
+
+def _num(value: Decimal | None) -> int | str | None:
+    if value is None:
+        return None
+    if value == value.to_integral_value():
+        return int(value)
+    return str(value.normalize())
+
+
+def line_json(line: InvoiceLine, currency: str) -> dict[str, object]:
+    return {
+        "kind": line.kind,
+        "description": line.description,
+        "subscription": line.subscription,
+        "quantity": _num(line.quantity),
+        "unit_amount": None if line.unit_amount is None else str(line.unit_amount),
+        "amount": money_str(line.amount, currency),
+        "period_start": None if line.period_start is None else iso(line.period_start),
+        "period_end": None if line.period_end is None else iso(line.period_end),
+    }
+
+
+def invoice_json(invoice: Invoice) -> dict[str, object]:
+    """An invoice in the replay output form (SCENARIOS.md)."""
+    cur = invoice.currency
+    return {
+        "number": invoice.number,
+        "customer": invoice.customer,
+        "currency": cur,
+        "status": invoice.status,
+        "issued_at": iso(invoice.issued_at),
+        "lines": [line_json(line, cur) for line in invoice.lines],
+        "subtotal": money_str(invoice.subtotal, cur),
+        "discount": money_str(invoice.discount, cur),
+        "tax": money_str(invoice.tax, cur),
+        "total": money_str(invoice.total, cur),
+        "credit_applied": money_str(invoice.credit_applied, cur),
+        "amount_due": money_str(invoice.amount_due, cur),
+    }
+
+
+def movement_json(movement: New | Expansion | Contraction | Churn | Reactivation) -> dict[str, object]:
+    """A movement in the replay output form (SCENARIOS.md)."""
+    cur = movement.currency
+    return {
+        "id": movement.id,
+        "at": iso(movement.at),
+        "customer": movement.customer,
+        "subscription": movement.subscription,
+        "type": movement.type,
+        "subtype": movement.subtype,
+        "currency": cur,
+        "mrr_before": money_str(movement.mrr_before, cur),
+        "mrr_after": money_str(movement.mrr_after, cur),
+        "delta": money_str(movement.delta, cur),
+        "reporting_delta": money_str(movement.reporting_delta, movement.reporting_currency),
+        "invoice_lines": [{"invoice": ref.invoice, "line": ref.line} for ref in movement.invoice_lines],
+    }
