@@ -116,7 +116,7 @@ class UsagePeriod:
     start: datetime
     end: datetime
     plan: str
-    ended_by_cancel: bool = False
+    full_end: datetime | None = None  # the period's natural end when a cancel cut it short
 
 
 @dataclass
@@ -184,7 +184,8 @@ class Coupon:
 
     def label(self) -> str:
         if self.percent is not None:
-            return f"{_plain(Decimal(self.percent.numerator) / Decimal(self.percent.denominator))} % off"
+            pct = self.percent * 100
+            return f"{_plain(Decimal(pct.numerator) / Decimal(pct.denominator))} % off"
         return f"{self.amount} off"
 
 
@@ -541,7 +542,7 @@ class Book:
                         item, Fraction(after), acct.currency):
                     continue
             for sign, qty in ((-1, before), (1, after)):
-                if qty is None:
+                if not qty:  # absent, or zero seats: nothing to credit or charge
                     continue
                 item = self._item(key[0], key[1])
                 full = price_quantity(item, Fraction(qty), acct.currency)
@@ -693,7 +694,7 @@ class Book:
                 self._prorate(sub, acct, sub.items, None, at, period, frac, cid)
                 tags.append(("chg", str(cid)))
             if sub.usage_open is not None and sub.usage_open < at and self._metrics_of(sub):
-                sub.usage_unbilled.append(UsagePeriod(sub.usage_open, at, sub.items.plan, ended_by_cancel=True))
+                sub.usage_unbilled.append(UsagePeriod(sub.usage_open, at, sub.items.plan, full_end=period.end))
         sub.usage_open = None
         sub.status = "cancelled"
         sub.ended_at = at
@@ -1010,7 +1011,7 @@ class Book:
         plan = self.catalog.plan(up.plan)
         lines = []
         for metric in self.catalog.plan_metrics(plan):
-            quantity = aggregate(metric, sub.usage, up.start, up.end)
+            quantity = aggregate(metric, sub.usage, up.start, up.end, held_until=up.full_end)
             amount = round_money(rate(metric, quantity, acct.currency), acct.currency, self.settings.rounding)
             lines.append(InvoiceLine(
                 kind="usage",
@@ -1067,9 +1068,11 @@ class Book:
                     tag = ("cpn", str(coupon.id), line.subscription, _k(start))
                     if tag not in tags:
                         tags.append(tag)
+            amount = round_money(-total, acct.currency, self.settings.rounding)
+            if amount == 0:
+                continue  # nothing taken: no line, and a `once` coupon waits for the next invoice
             if coupon.duration == "once":
                 coupon.used = True
-            amount = round_money(-total, acct.currency, self.settings.rounding)
             draft.discount_lines.append((InvoiceLine(
                 kind="discount", description=f"Discount: {coupon.label()}", subscription=coupon.subscription,
                 quantity=None, unit_amount=None, amount=amount, period_start=None, period_end=None), tags))

@@ -53,9 +53,14 @@ def field_value(metric: Metric, record: UsageRecord) -> Decimal | None:
 
 
 def aggregate(
-    metric: Metric, records: Iterable[UsageRecord], start: datetime, end: datetime
+    metric: Metric, records: Iterable[UsageRecord], start: datetime, end: datetime,
+    *, held_until: datetime | None = None,
 ) -> Fraction:
-    """The metric's aggregate over `[start, end)` for one subscription's records (time-ordered)."""
+    """The metric's aggregate over `[start, end)` for one subscription's records (time-ordered).
+
+    `held_until` is the natural end of a period cut short by a cancellation: `weighted_sum`
+    then weights by the share of the whole period (a GB held 13 days of 28 bills 13/28).
+    """
     relevant = [r for r in records if r.metric == metric.code and matches(metric, r)]
     inside = [r for r in relevant if start <= r.at < end]
     kind = metric.aggregation
@@ -80,7 +85,7 @@ def aggregate(
         before = [field_value(metric, r) for r in relevant if r.at < start]
         known = [v for v in before if v is not None]
         level = Fraction(known[-1]) if known else Fraction(0)
-        total_us = _micros(end - start)
+        total_us = _micros((held_until or end) - start)
         if total_us <= 0:
             return Fraction(0)
         weighted = Fraction(0)
