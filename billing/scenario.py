@@ -380,6 +380,7 @@ def parse_scenario_text(text: str) -> Scenario:
         raise ScenarioError(str(exc)) from None
     if not isinstance(raw, dict):
         raise ScenarioError("a scenario must be a JSON object")
+    _reject_json_numbers(raw, "")
     try:
         scenario = Scenario.model_validate(raw)
     except ValidationError as exc:
@@ -391,6 +392,31 @@ def parse_scenario_text(text: str) -> Scenario:
                                 f"before the previous event's {previous.isoformat()})")
         previous = event.at
     return scenario
+
+
+_MONEY_KEYS = {"tax_rate", "percent", "amount", "rate", "included"}
+_MONEY_MAPS = {"prices", "unit_amount", "flat_amount", "minimum"}
+
+
+def _reject_json_numbers(node: Any, path: str) -> None:
+    """Money, rates and percentages are decimal strings in the format, never JSON numbers."""
+    if isinstance(node, list):
+        for i, item in enumerate(node):
+            _reject_json_numbers(item, f"{path}[{i}]")
+        return
+    if not isinstance(node, dict):
+        return
+    for key, value in node.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key in _MONEY_KEYS and isinstance(value, (int, float, Decimal)) and not isinstance(value, bool):
+            raise ScenarioError(f"{where}: must be a decimal string such as \"12.50\", not a JSON number")
+        if key in _MONEY_MAPS and isinstance(value, dict):
+            for cur, amount in value.items():
+                if isinstance(amount, (int, float, Decimal)) and not isinstance(amount, bool):
+                    raise ScenarioError(f"{where}.{cur}: must be a decimal string such as \"12.50\", "
+                                        "not a JSON number")
+        if key not in ("properties", "expect"):
+            _reject_json_numbers(value, where)
 
 
 def _reject_constant(name: str) -> Any:
