@@ -29,8 +29,8 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Literal
 
-from billing.fx import MissingRate, rate_at
 from billing.catalog import AddOn, Catalog, Plan, Priced, price_quantity
+from billing.fx import MissingRate, rate_at
 from billing.money import round_money
 from billing.periods import (
     Grid,
@@ -905,13 +905,13 @@ class Book:
                       reporting_delta=reporting, cause=cause, event_index=self._index)
         movement: MrrMovement
         if before == 0:
-            movement = Reactivation(**common) if acct.had_mrr else New(**common)  # type: ignore[arg-type]
+            movement = Reactivation(**common) if acct.had_mrr else New(**common)
         elif after == 0:
-            movement = Churn(**common)  # type: ignore[arg-type]
+            movement = Churn(**common)
         elif after > before:
-            movement = Expansion(subtype=_EXPANSION_SUBTYPE.get(cause, "cross_sell"), **common)  # type: ignore[arg-type]
+            movement = Expansion(subtype=_EXPANSION_SUBTYPE.get(cause, "cross_sell"), **common)
         else:
-            movement = Contraction(subtype=_CONTRACTION_SUBTYPE.get(cause, "cancel"), **common)  # type: ignore[arg-type]
+            movement = Contraction(subtype=_CONTRACTION_SUBTYPE.get(cause, "cancel"), **common)
         self.next_movement += 1
         acct.mrr = after
         if after > 0:
@@ -1019,7 +1019,7 @@ class Book:
                             f"{_plain(metric.included)} included)",
                 subscription=sub.id,
                 quantity=_fraction_decimal(quantity),
-                unit_amount=metric.unit_price(acct.currency) if metric.pricing != "flat" else metric.prices.get(acct.currency),
+                unit_amount=metric.unit_price(acct.currency),
                 amount=amount,
                 period_start=up.start,
                 period_end=up.end,

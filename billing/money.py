@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from decimal import ROUND_HALF_EVEN, ROUND_HALF_UP, Decimal, InvalidOperation
 from fractions import Fraction
-from functools import lru_cache
+from functools import cache
 from typing import Literal
 
 from babel.numbers import format_currency, get_currency_precision, list_currencies
@@ -27,7 +27,7 @@ class MoneyError(ValueError):
     """A malformed amount or an unknown currency."""
 
 
-@lru_cache(maxsize=None)
+@cache
 def _known_currencies() -> frozenset[str]:
     return frozenset(list_currencies())
 
@@ -39,7 +39,7 @@ def check_currency(code: str) -> str:
     return code
 
 
-@lru_cache(maxsize=None)
+@cache
 def minor_units(currency: str) -> int:
     """Digits after the decimal point for `currency` (babel): USD 2, JPY 0, KWD 3."""
     check_currency(currency)
