@@ -11,7 +11,7 @@ Rules (SCENARIOS.md, "Conventions"):
 
 from __future__ import annotations
 
-from decimal import ROUND_HALF_EVEN, ROUND_HALF_UP, Decimal, InvalidOperation
+from decimal import ROUND_HALF_EVEN, ROUND_HALF_UP, Context, Decimal, InvalidOperation
 from fractions import Fraction
 from functools import cache
 from typing import Literal
@@ -51,6 +51,8 @@ def parse_decimal(text: object, *, what: str = "amount") -> Decimal:
     if isinstance(text, bool) or isinstance(text, float):
         raise MoneyError(f"{what} must be a decimal string, not {type(text).__name__}")
     if isinstance(text, int):
+        if abs(text) >= 10**15:
+            raise MoneyError(f"{what} {text} is too large")
         return Decimal(text)
     if isinstance(text, Decimal):
         value = text
@@ -69,7 +71,17 @@ def parse_decimal(text: object, *, what: str = "amount") -> Decimal:
 
 
 def to_fraction(value: Decimal | Fraction | int) -> Fraction:
-    return value if isinstance(value, Fraction) else Fraction(value)
+    """Exact conversion; floats and booleans are refused (money is never a float)."""
+    if isinstance(value, Fraction):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, Decimal)):
+        raise MoneyError(f"amount must be Decimal, Fraction or int, not {type(value).__name__}")
+    if isinstance(value, Decimal) and not value.is_finite():
+        raise MoneyError(f"amount {value} is not finite")
+    return Fraction(value)
+
+
+_WIDE = Context(prec=200)
 
 
 def round_money(
@@ -96,15 +108,17 @@ def round_to_places(value: Decimal | Fraction | int, places: int, mode: Rounding
         twice == scaled.denominator and (mode == "half_up" or whole % 2 == 1)
     ):
         whole += 1
-    q = Decimal(sign * whole).scaleb(-places)
-    return q.quantize(Decimal(1).scaleb(-places)) if places > 0 else q.quantize(Decimal(1))
+    q = Decimal(sign * whole).scaleb(-places, context=_WIDE)
+    return q.quantize(Decimal(1).scaleb(-places), context=_WIDE)
 
 
 def to_minor(amount: Decimal, currency: str) -> int:
     """Integer minor units of an amount that is already rounded to the currency."""
     places = minor_units(currency)
-    scaled = amount.scaleb(places)
-    if scaled != scaled.to_integral_value():
+    if not amount.is_finite():
+        raise MoneyError(f"{amount} {currency} is not a finite amount")
+    scaled = amount.scaleb(places, context=_WIDE)
+    if scaled != scaled.to_integral_value(context=_WIDE):
         raise MoneyError(f"{amount} {currency} is not rounded to {places} decimals")
     return int(scaled)
 
