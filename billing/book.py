@@ -1101,7 +1101,7 @@ class Book:
             credit_added = -total if total < 0 else Decimal(0)
             acct.credit += credit_added - credit_applied
             amount_due = total - credit_applied if total > 0 else Decimal(0)
-            number = f"INV-{self.next_invoice:06d}"
+            number = f"INV-{self.next_invoice:04d}"
             self.next_invoice += 1
             invoice = Invoice(
                 number=number, customer=acct.id, currency=cur,

@@ -187,7 +187,7 @@ def test_running_twice_adds_nothing() -> None:
 def test_void_restores_credit_and_is_not_billed_again() -> None:
     r = run([customer("2026-01-01"), subscribe("2026-01-01", quantity=10), ev("2026-01-01", "invoice_run"),
              ev("2026-01-16", "change_quantity", subscription="s", quantity=8), ev("2026-01-17", "invoice_run"),
-             ev("2026-02-01", "invoice_run"), ev("2026-02-02", "void", invoice="INV-000003"),
+             ev("2026-02-01", "invoice_run"), ev("2026-02-02", "void", invoice="INV-0003"),
              ev("2026-03-01", "invoice_run")])
     assert [i.status for i in r.invoices] == ["finalized", "paid", "void", "finalized"]
     assert r.invoices[2].credit_applied == Decimal("51.61")  # 2 seats × 50 × 16/31

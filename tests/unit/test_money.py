@@ -222,4 +222,4 @@ def test_round_money_rejects_floats(value: object) -> None:
 
 
 def test_very_large_amounts_round_exactly() -> None:
-    assert str(round_money(Decimal("1e27") + Decimal("0.005"), "USD")) == "1000000000000000000000000000.01"
+    assert str(round_money(Decimal("1000000000000000000000000000.005"), "USD")) == "1000000000000000000000000000.01"
