@@ -30,7 +30,9 @@ from fractions import Fraction
 from typing import Literal
 
 from billing.catalog import AddOn, Catalog, Plan, Priced, price_quantity
+from billing.discounts import Coupon, Tag, covers, discount_lines
 from billing.fx import MissingRate, rate_at
+from billing.invoicing import totals
 from billing.money import round_money
 from billing.periods import (
     Grid,
@@ -44,6 +46,7 @@ from billing.periods import (
     monthly_factor,
     second_fraction,
 )
+from billing.proration import describe, item_of, proration_lines, shown_quantity
 from billing.records import (
     Churn,
     Contraction,
@@ -75,9 +78,8 @@ from billing.scenario import (
     UsageEvent,
     VoidEvent,
 )
+from billing.subscription import Items, LicensedPeriod, Scheduled, Subscription, UsagePeriod
 from billing.usage import UsageRecord, aggregate, rate
-
-Tag = tuple[str, ...]
 
 
 class BookError(ValueError):
@@ -90,103 +92,10 @@ class BookError(ValueError):
 
 
 @dataclass
-class Items:
-    """What a subscription bills for: its plan with a seat quantity, and add-ons with theirs."""
-
-    plan: str
-    quantity: int
-    addons: dict[str, int] = field(default_factory=dict)
-
-    def copy(self) -> Items:
-        return Items(self.plan, self.quantity, dict(self.addons))
-
-    def priced(self) -> list[tuple[str, str, int]]:
-        """(kind, code, quantity) for the plan and each add-on, plan first."""
-        return [("plan", self.plan, self.quantity)] + [("addon", c, q) for c, q in self.addons.items()]
-
-
-@dataclass
-class LicensedPeriod:
-    period: Period
-    items: Items
-
-
-@dataclass
-class UsagePeriod:
-    start: datetime
-    end: datetime
-    plan: str
-    full_end: datetime | None = None  # the period's natural end when a cancel cut it short
-
-
-@dataclass
-class Scheduled:
-    cause: str
-    index: int | None
-    plan: str | None = None
-    quantity: int | None = None
-    addon: str | None = None
-    addon_quantity: int | None = None
-
-
-@dataclass
-class Subscription:
-    id: str
-    customer: str
-    order: int
-    billing_day: int | None
-    status: Literal["trialing", "active", "cancelled"]
-    items: Items
-    trial_end: datetime | None = None
-    grid: Grid | None = None
-    current: Period | None = None
-    stage: int = -1
-    unbilled: list[LicensedPeriod] = field(default_factory=list)
-    usage_open: datetime | None = None
-    usage_unbilled: list[UsagePeriod] = field(default_factory=list)
-    usage: list[UsageRecord] = field(default_factory=list)
-    usage_keys: set[str] = field(default_factory=set)
-    usage_mrr: Fraction = Fraction(0)
-    scheduled: list[Scheduled] = field(default_factory=list)
-    cancel_at_period_end: bool = False
-    cancel_index: int | None = None
-    ended_at: datetime | None = None
-    active_coupons: list[int] = field(default_factory=list)
-
-    @property
-    def next_boundary(self) -> datetime | None:
-        return self.current.end if self.current is not None and self.status == "active" else None
-
-
-@dataclass
 class PendingLine:
     line: InvoiceLine
     coverage_start: datetime  # start of the billing period the line belongs to (for coupons)
     tags: list[Tag]
-
-
-@dataclass
-class Coupon:
-    id: int
-    customer: str
-    subscription: str | None
-    percent: Fraction | None
-    amount: Decimal | None
-    duration: Literal["forever", "once"] | int
-    at: datetime
-    windows: dict[str, tuple[datetime, datetime | None]] = field(default_factory=dict)
-    used: bool = False
-    lasts_until: datetime | None = None
-
-    @property
-    def recurring(self) -> bool:
-        return self.duration != "once"
-
-    def label(self) -> str:
-        if self.percent is not None:
-            pct = self.percent * 100
-            return f"{_plain(Decimal(pct.numerator) / Decimal(pct.denominator))} % off"
-        return f"{self.amount} off"
 
 
 @dataclass
@@ -358,7 +267,7 @@ class Book:
         return addon
 
     def _item(self, kind: str, code: str) -> Priced:
-        return self.catalog.plan(code) if kind == "plan" else self.catalog.addon(code)
+        return item_of(self.catalog, kind, code)
 
     @property
     def _policy(self) -> Literal["day", "second", "none"]:
@@ -527,38 +436,11 @@ class Book:
 
     def _prorate(self, sub: Subscription, acct: Account, old: Items | None, new: Items | None,
                  at: datetime, period: Period, frac: Fraction, cid: int) -> None:
-        """Credit the old items' unused part and charge the new items' remaining part, per item
-        that changed (plan before add-ons), each line rounded on its own."""
-        old_map = {(k, c): q for k, c, q in old.priced()} if old is not None else {}
-        new_map = {(k, c): q for k, c, q in new.priced()} if new is not None else {}
-        keys = list(old_map) + [k for k in new_map if k not in old_map]
-        keys.sort(key=lambda k: 0 if k[0] == "plan" else 1)
+        """Queue the credit and charge lines of a change (billing.proration)."""
         start = at if self._policy == "second" else midnight(local_date(at, acct.tz), acct.tz)
-        for key in keys:
-            before, after = old_map.get(key), new_map.get(key)
-            if before is not None and after is not None:
-                item = self._item(key[0], key[1])
-                if price_quantity(item, Fraction(before), acct.currency) == price_quantity(
-                        item, Fraction(after), acct.currency):
-                    continue
-            for sign, qty in ((-1, before), (1, after)):
-                if not qty:  # absent, or zero seats: nothing to credit or charge
-                    continue
-                item = self._item(key[0], key[1])
-                full = price_quantity(item, Fraction(qty), acct.currency)
-                amount = round_money(full * frac * sign, acct.currency, self.settings.rounding)
-                what = "Unused time on" if sign < 0 else "Remaining time on"
-                line = InvoiceLine(
-                    kind="proration",
-                    description=f"{what} {_describe(item, qty)}",
-                    subscription=sub.id,
-                    quantity=Decimal(_shown_quantity(item, qty)),
-                    unit_amount=item.unit_price(acct.currency),
-                    amount=amount,
-                    period_start=start,
-                    period_end=period.end,
-                )
-                acct.pending.append(PendingLine(line, period.start, [("chg", str(cid))]))
+        for line in proration_lines(old, new, catalog=self.catalog, subscription=sub.id, currency=acct.currency,
+                                    mode=self.settings.rounding, start=start, period=period, fraction=frac):
+            acct.pending.append(PendingLine(line, period.start, [("chg", str(cid))]))
 
     def _flush_immediate(self, acct: Account, cid: int) -> None:
         """With `proration_invoicing: immediate`, issue this change's lines on an invoice now."""
@@ -858,7 +740,7 @@ class Book:
         amount = sum((Fraction(line.amount) for line in self._usage_lines(sub, acct, period)), Fraction(0))
         for coupon in self._coupons_of(sub):
             window = coupon.windows.get(sub.id)
-            if coupon.percent is not None and window is not None and _covers(window, period.start):
+            if coupon.percent is not None and window is not None and covers(window, period.start):
                 amount *= 1 - coupon.percent
         plan = self.catalog.plan(period.plan)
         sub.usage_mrr = amount * monthly_factor(plan.interval, plan.interval_count)
@@ -997,9 +879,9 @@ class Book:
                                  acct.currency, self.settings.rounding)
             lines.append(InvoiceLine(
                 kind="plan" if kind == "plan" else "addon",
-                description=_describe(item, qty),
+                description=describe(item, qty),
                 subscription=sub.id,
-                quantity=Decimal(_shown_quantity(item, qty)),
+                quantity=Decimal(shown_quantity(item, qty)),
                 unit_amount=item.unit_price(acct.currency),
                 amount=amount,
                 period_start=period.start,
@@ -1028,62 +910,11 @@ class Book:
         return lines
 
     def _apply_coupons(self, draft: _Draft, *, proration_only: bool) -> None:
-        """Discount lines, one per coupon per invoice it touches: percent coupons on every covered
-        line, amount coupons once per covered subscription per billed period (capped at its lines,
-        never on an invoice of prorations only); several apply in order, each on what is left."""
         acct = draft.account
-        coverage = draft.coverage
-        remaining = {id(line): Fraction(line.amount) for line, _ in draft.lines}
-        for cid in acct.coupons:
-            coupon = self.coupons[cid]
-            covered = [line for line, _ in draft.lines if line.subscription is not None
-                       and self._covered(coupon, line.subscription, coverage.get(id(line)))]
-            if not covered:
-                continue
-            if coupon.amount is not None and proration_only:
-                continue
-            total = Fraction(0)
-            tags: list[Tag] = []
-            if coupon.percent is not None:
-                for line in covered:
-                    cut = remaining[id(line)] * coupon.percent
-                    remaining[id(line)] -= cut
-                    total += cut
-            else:
-                assert coupon.amount is not None
-                subs = sorted({line.subscription or "" for line in covered if line.kind != "proration"},
-                              key=lambda s: self.subscriptions[s].order)
-                for sub_id in subs:
-                    mine = [line for line in covered if line.subscription == sub_id]
-                    available = sum((remaining[id(line)] for line in mine), Fraction(0))
-                    take = min(Fraction(coupon.amount), max(available, Fraction(0)))
-                    total += take
-                    for line in mine:
-                        part = min(take, max(remaining[id(line)], Fraction(0)))
-                        remaining[id(line)] -= part
-                        take -= part
-            for line in covered:
-                start = coverage.get(id(line))
-                if start is not None and line.subscription is not None:
-                    tag = ("cpn", str(coupon.id), line.subscription, _k(start))
-                    if tag not in tags:
-                        tags.append(tag)
-            amount = round_money(-total, acct.currency, self.settings.rounding)
-            if amount == 0:
-                continue  # nothing taken: no line, and a `once` coupon waits for the next invoice
-            if coupon.duration == "once":
-                coupon.used = True
-            draft.discount_lines.append((InvoiceLine(
-                kind="discount", description=f"Discount: {coupon.label()}", subscription=coupon.subscription,
-                quantity=None, unit_amount=None, amount=amount, period_start=None, period_end=None), tags))
-
-    def _covered(self, coupon: Coupon, sub_id: str, start: datetime | None) -> bool:
-        if coupon.subscription is not None and coupon.subscription != sub_id:
-            return False
-        if coupon.duration == "once":
-            return not coupon.used
-        window = coupon.windows.get(sub_id)
-        return window is not None and start is not None and _covers(window, start)
+        draft.discount_lines = discount_lines(
+            [line for line, _ in draft.lines], draft.coverage, [self.coupons[c] for c in acct.coupons],
+            subscription_order=lambda s: self.subscriptions[s].order, currency=acct.currency,
+            mode=self.settings.rounding, proration_only=proration_only)
 
     def _finalize(self, drafts: list[_Draft], at: datetime) -> None:
         """Number the drafts in order and compute totals, tax and credit (SCENARIOS.md, Amounts)."""
@@ -1093,23 +924,16 @@ class Book:
             cur = acct.currency
             pairs = draft.lines + draft.discount_lines
             lines = tuple(line for line, _ in pairs)
-            subtotal = sum((line.amount for line in lines if line.kind != "discount"), Decimal(0))
-            discount = -sum((line.amount for line in lines if line.kind == "discount"), Decimal(0))
-            tax = round_money(Fraction(subtotal - discount) * Fraction(acct.tax_rate), cur, mode)
-            total = subtotal - discount + tax
-            credit_applied = min(acct.credit, total) if total > 0 else Decimal(0)
-            credit_added = -total if total < 0 else Decimal(0)
-            acct.credit += credit_added - credit_applied
-            amount_due = total - credit_applied if total > 0 else Decimal(0)
+            amounts = totals(lines, acct.tax_rate, acct.credit, cur, mode)
+            acct.credit += amounts.credit_change
             number = f"INV-{self.next_invoice:04d}"
             self.next_invoice += 1
             invoice = Invoice(
-                number=number, customer=acct.id, currency=cur,
-                status="paid" if amount_due == 0 else "finalized",
+                number=number, customer=acct.id, currency=cur, status=amounts.status,
                 issued_at=at, billing_date=draft.key, lines=lines,
-                subtotal=_q(subtotal, cur), discount=_q(discount, cur), tax=tax, total=_q(total, cur),
-                credit_applied=_q(credit_applied, cur), amount_due=_q(amount_due, cur),
-                credit_added=_q(credit_added, cur))
+                subtotal=amounts.subtotal, discount=amounts.discount, tax=amounts.tax, total=amounts.total,
+                credit_applied=amounts.credit_applied, amount_due=amounts.amount_due,
+                credit_added=amounts.credit_added)
             self.invoices[number] = invoice
             self.invoice_order.append(number)
             self._out.issued.append(invoice)
@@ -1153,17 +977,8 @@ _CONTRACTION_SUBTYPE: dict[str, str] = {
 LINE_KINDS: tuple[LineKind, ...] = ("plan", "addon", "usage", "proration", "discount")
 
 
-def _covers(window: tuple[datetime, datetime | None], start: datetime) -> bool:
-    first, end = window
-    return first <= start and (end is None or start < end)
-
-
 def _k(instant: datetime) -> str:
     return instant.isoformat()
-
-
-def _q(amount: Decimal, currency: str) -> Decimal:
-    return round_money(amount, currency)
 
 
 def _where(index: int | None, kind: str) -> str:
@@ -1181,10 +996,3 @@ def _fraction_decimal(value: Fraction) -> Decimal:
     return (Decimal(value.numerator) / Decimal(value.denominator)).quantize(Decimal("0.000001"))
 
 
-def _shown_quantity(item: Priced, qty: int) -> int:
-    return 1 if item.pricing == "flat" else qty
-
-
-def _describe(item: Priced, qty: int) -> str:
-    name = item.name or item.code
-    return name if item.pricing == "flat" else f"{name} × {qty}"
