@@ -1,0 +1,595 @@
+"""Repositories: the only code that reads and writes the tables, in terms of domain records.
+
+Each repository works inside a session owned by a `UnitOfWork`; none commits. Money crosses
+this boundary as `Decimal` already rounded to its currency and is stored as integer minor units
+(`to_minor` refuses an unrounded amount rather than truncating it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any
+
+from pydantic import TypeAdapter
+from sqlalchemy import Select, func, select, update
+from sqlalchemy.orm import Session
+
+from billing.catalog import Catalog
+from billing.money import from_minor, to_minor
+from billing.persistence.tables import (
+    BookStateRow,
+    CommandRow,
+    CustomerRow,
+    InvoiceLineRow,
+    InvoiceRow,
+    MovementLineRow,
+    MovementRow,
+    SubscriptionRow,
+)
+from billing.records import Invoice, InvoiceLine, InvoiceStatus, LineRef, MrrMovement
+from billing.scenario import Settings
+
+MOVEMENT_ADAPTER: TypeAdapter[MrrMovement] = TypeAdapter(MrrMovement)
+
+
+class PersistenceError(RuntimeError):
+    """The database does not hold what a command expects (a broken invariant, not bad input)."""
+
+
+class ConcurrentModification(PersistenceError):
+    """The book changed since it was loaded: another command won; reload and retry."""
+
+
+# --- engine state -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredBook:
+    settings: Settings
+    catalog: Catalog
+    snapshot: bytes
+    version: int
+
+
+def settings_json(settings: Settings) -> dict[str, Any]:
+    return settings.model_dump(mode="json", by_alias=True)
+
+
+def catalog_json(catalog: Catalog) -> dict[str, Any]:
+    return catalog.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+
+
+class BookStateRepository:
+    """The single `book_state` row; every save checks and bumps its version."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def load(self) -> StoredBook | None:
+        row = self.session.execute(
+            select(BookStateRow.settings, BookStateRow.catalog, BookStateRow.snapshot, BookStateRow.version)
+        ).one_or_none()
+        if row is None:
+            return None
+        return StoredBook(
+            settings=Settings.model_validate(row.settings),
+            catalog=Catalog.model_validate(row.catalog),
+            snapshot=bytes(row.snapshot),
+            version=row.version,
+        )
+
+    def create(self, settings: Settings, catalog: Catalog, snapshot: bytes, *, now: datetime) -> int:
+        """Insert the row (version 1). Two concurrent creators collide on the primary key."""
+        self.session.add(
+            BookStateRow(
+                id=1,
+                settings=settings_json(settings),
+                catalog=catalog_json(catalog),
+                snapshot=snapshot,
+                version=1,
+                updated_at=now,
+            )
+        )
+        self.session.flush()
+        return 1
+
+    def save(
+        self,
+        snapshot: bytes,
+        *,
+        expected_version: int,
+        now: datetime,
+        settings: Settings | None = None,
+        catalog: Catalog | None = None,
+    ) -> int:
+        """Write a new snapshot if the version is still `expected_version`; return the new one.
+
+        A conditional UPDATE: on PostgreSQL a concurrent writer waits on the row lock and then
+        finds the version moved; on SQLite the writers are serialised by the database lock.
+        """
+        values: dict[str, Any] = {
+            "snapshot": snapshot,
+            "version": expected_version + 1,
+            "updated_at": now,
+        }
+        if settings is not None:
+            values["settings"] = settings_json(settings)
+        if catalog is not None:
+            values["catalog"] = catalog_json(catalog)
+        result = self.session.execute(
+            update(BookStateRow)
+            .where(BookStateRow.id == 1, BookStateRow.version == expected_version)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+        if getattr(result, "rowcount", 0) != 1:
+            raise ConcurrentModification(
+                f"the book changed since it was loaded (version {expected_version}); retry the command"
+            )
+        return expected_version + 1
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredCommand:
+    id: int
+    recorded_at: datetime
+    at: datetime
+    type: str
+    payload: dict[str, Any]
+    actor: str
+    idempotency_key: str | None
+    event_index: int | None
+
+
+class CommandRepository:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def add(
+        self,
+        *,
+        recorded_at: datetime,
+        at: datetime,
+        type: str,
+        payload: dict[str, Any],
+        actor: str,
+        idempotency_key: str | None,
+        event_index: int | None,
+    ) -> int:
+        row = CommandRow(
+            recorded_at=recorded_at,
+            at=at,
+            type=type,
+            payload=payload,
+            actor=actor,
+            idempotency_key=idempotency_key,
+            event_index=event_index,
+        )
+        self.session.add(row)
+        self.session.flush()
+        return row.id
+
+    def by_key(self, idempotency_key: str) -> StoredCommand | None:
+        row = self.session.scalars(
+            select(CommandRow).where(CommandRow.idempotency_key == idempotency_key)
+        ).one_or_none()
+        return None if row is None else _command(row)
+
+    def count(self) -> int:
+        return self.session.scalar(select(func.count()).select_from(CommandRow)) or 0
+
+    def list(self) -> list[StoredCommand]:
+        return [_command(row) for row in self.session.scalars(select(CommandRow).order_by(CommandRow.id))]
+
+
+def _command(row: CommandRow) -> StoredCommand:
+    return StoredCommand(
+        id=row.id,
+        recorded_at=row.recorded_at,
+        at=row.at,
+        type=row.type,
+        payload=dict(row.payload),
+        actor=row.actor,
+        idempotency_key=row.idempotency_key,
+        event_index=row.event_index,
+    )
+
+
+# --- ledger: invoices, movements, links -------------------------------------------------------
+
+
+class LedgerRepository:
+    """Invoices with their lines, MRR movements and their invoice-line links. Insert-only,
+    except an invoice's status."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    # writes
+
+    def add_invoices(self, invoices: Sequence[Invoice], command_id: int) -> None:
+        seq = self.session.scalar(select(func.max(InvoiceRow.seq))) or 0
+        for invoice in invoices:
+            seq += 1
+            cur = invoice.currency
+            self.session.add(
+                InvoiceRow(
+                    number=invoice.number,
+                    seq=seq,
+                    customer=invoice.customer,
+                    currency=cur,
+                    status=invoice.status,
+                    issued_at=invoice.issued_at,
+                    billing_date=date.fromisoformat(invoice.billing_date),
+                    subtotal=to_minor(invoice.subtotal, cur),
+                    discount=to_minor(invoice.discount, cur),
+                    tax=to_minor(invoice.tax, cur),
+                    total=to_minor(invoice.total, cur),
+                    credit_applied=to_minor(invoice.credit_applied, cur),
+                    amount_due=to_minor(invoice.amount_due, cur),
+                    credit_added=to_minor(invoice.credit_added, cur),
+                    command_id=command_id,
+                )
+            )
+        # Lines go in after their invoices: a unit of work flushes parents first only when
+        # they are related through the session, and these are plain rows.
+        self.session.flush()
+        for invoice in invoices:
+            for index, line in enumerate(invoice.lines):
+                self.session.add(
+                    InvoiceLineRow(
+                        invoice_number=invoice.number,
+                        line_index=index,
+                        kind=line.kind,
+                        description=line.description,
+                        subscription=line.subscription,
+                        quantity=line.quantity,
+                        unit_amount=line.unit_amount,
+                        amount=to_minor(line.amount, invoice.currency),
+                        included=line.included,
+                        period_start=line.period_start,
+                        period_end=line.period_end,
+                    )
+                )
+        self.session.flush()
+
+    def set_status(self, number: str, status: InvoiceStatus) -> None:
+        result = self.session.execute(
+            update(InvoiceRow)
+            .where(InvoiceRow.number == number)
+            .values(status=status)
+            .execution_options(synchronize_session=False)
+        )
+        if getattr(result, "rowcount", 0) != 1:
+            raise PersistenceError(f"invoice {number!r} is not in the database")
+
+    def add_movements(self, movements: Sequence[MrrMovement], command_id: int) -> None:
+        for movement in movements:
+            cur = movement.currency
+            self.session.add(
+                MovementRow(
+                    id=movement.id,
+                    at=movement.at,
+                    customer=movement.customer,
+                    subscription=movement.subscription,
+                    type=movement.type,
+                    subtype=movement.subtype,
+                    currency=cur,
+                    mrr_before=to_minor(movement.mrr_before, cur),
+                    mrr_after=to_minor(movement.mrr_after, cur),
+                    delta=to_minor(movement.delta, cur),
+                    reporting_currency=movement.reporting_currency,
+                    reporting_delta=to_minor(movement.reporting_delta, movement.reporting_currency),
+                    cause=movement.cause,
+                    event_index=movement.event_index,
+                    command_id=command_id,
+                )
+            )
+        self.session.flush()
+
+    def add_links(self, links: Iterable[tuple[int, LineRef]], command_id: int) -> int:
+        """Link movements to invoice lines; a link already stored is skipped. Returns how many
+        were added."""
+        wanted: dict[tuple[int, str, int], None] = {}
+        for movement_id, ref in links:
+            wanted[(movement_id, ref.invoice, ref.line)] = None
+        if not wanted:
+            return 0
+        ids = sorted({movement_id for movement_id, _, _ in wanted})
+        existing = {
+            (row.movement_id, row.invoice_number, row.line_index)
+            for row in self.session.execute(
+                select(
+                    MovementLineRow.movement_id, MovementLineRow.invoice_number, MovementLineRow.line_index
+                ).where(MovementLineRow.movement_id.in_(ids))
+            )
+        }
+        added = 0
+        for movement_id, number, line in wanted:
+            if (movement_id, number, line) in existing:
+                continue
+            self.session.add(
+                MovementLineRow(
+                    movement_id=movement_id, invoice_number=number, line_index=line, command_id=command_id
+                )
+            )
+            added += 1
+        self.session.flush()
+        return added
+
+    # reads
+
+    def invoices(
+        self,
+        *,
+        customer: str | None = None,
+        status: str | None = None,
+        number: str | None = None,
+        command_id: int | None = None,
+    ) -> list[Invoice]:
+        """Invoices in the order issued, with their lines."""
+
+        def where(query: Select[Any]) -> Select[Any]:
+            if customer is not None:
+                query = query.where(InvoiceRow.customer == customer)
+            if status is not None:
+                query = query.where(InvoiceRow.status == status)
+            if number is not None:
+                query = query.where(InvoiceRow.number == number)
+            if command_id is not None:
+                query = query.where(InvoiceRow.command_id == command_id)
+            return query
+
+        heads = list(self.session.scalars(where(select(InvoiceRow)).order_by(InvoiceRow.seq)))
+        lines: dict[str, list[InvoiceLineRow]] = {row.number: [] for row in heads}
+        line_query = where(
+            select(InvoiceLineRow).join(InvoiceRow, InvoiceRow.number == InvoiceLineRow.invoice_number)
+        ).order_by(InvoiceLineRow.invoice_number, InvoiceLineRow.line_index)
+        for line in self.session.scalars(line_query):
+            lines[line.invoice_number].append(line)
+        return [_invoice(row, lines[row.number]) for row in heads]
+
+    def invoice(self, number: str) -> Invoice | None:
+        found = self.invoices(number=number)
+        return found[0] if found else None
+
+    def movements(self, *, customer: str | None = None, command_id: int | None = None) -> list[MrrMovement]:
+        """Movements in application order (ascending id), each with the invoice lines that billed
+        it, ordered by (invoice number, line index)."""
+
+        def where(query: Select[Any]) -> Select[Any]:
+            if customer is not None:
+                query = query.where(MovementRow.customer == customer)
+            if command_id is not None:
+                query = query.where(MovementRow.command_id == command_id)
+            return query
+
+        rows = list(self.session.scalars(where(select(MovementRow)).order_by(MovementRow.id)))
+        refs: dict[int, list[LineRef]] = {row.id: [] for row in rows}
+        link_query = where(
+            select(MovementLineRow).join(MovementRow, MovementRow.id == MovementLineRow.movement_id)
+        ).order_by(MovementLineRow.movement_id, MovementLineRow.invoice_number, MovementLineRow.line_index)
+        for link in self.session.scalars(link_query):
+            refs[link.movement_id].append(LineRef(invoice=link.invoice_number, line=link.line_index))
+        return [_movement(row, refs[row.id]) for row in rows]
+
+    def links_of_command(self, command_id: int) -> list[tuple[int, LineRef]]:
+        query = (
+            select(MovementLineRow)
+            .where(MovementLineRow.command_id == command_id)
+            .order_by(MovementLineRow.movement_id, MovementLineRow.invoice_number, MovementLineRow.line_index)
+        )
+        return [
+            (row.movement_id, LineRef(invoice=row.invoice_number, line=row.line_index))
+            for row in self.session.scalars(query)
+        ]
+
+    def counts(self) -> dict[str, int]:
+        """Row counts of the ledger tables (for summaries and tests)."""
+        out: dict[str, int] = {}
+        for name, table in (
+            ("invoices", InvoiceRow),
+            ("invoice_lines", InvoiceLineRow),
+            ("mrr_movements", MovementRow),
+            ("movement_invoice_lines", MovementLineRow),
+        ):
+            out[name] = self.session.scalar(select(func.count()).select_from(table)) or 0
+        return out
+
+
+def _invoice(row: InvoiceRow, lines: Sequence[InvoiceLineRow]) -> Invoice:
+    cur = row.currency
+    return Invoice(
+        number=row.number,
+        customer=row.customer,
+        currency=cur,
+        status=row.status,  # constrained by a CHECK
+        issued_at=row.issued_at,
+        billing_date=row.billing_date.isoformat(),
+        lines=tuple(
+            InvoiceLine(
+                kind=line.kind,  # written from LineKind
+                description=line.description,
+                subscription=line.subscription,
+                quantity=line.quantity,
+                unit_amount=line.unit_amount,
+                amount=from_minor(line.amount, cur),
+                period_start=line.period_start,
+                period_end=line.period_end,
+                included=line.included,
+            )
+            for line in lines
+        ),
+        subtotal=from_minor(row.subtotal, cur),
+        discount=from_minor(row.discount, cur),
+        tax=from_minor(row.tax, cur),
+        total=from_minor(row.total, cur),
+        credit_applied=from_minor(row.credit_applied, cur),
+        amount_due=from_minor(row.amount_due, cur),
+        credit_added=from_minor(row.credit_added, cur),
+    )
+
+
+def _movement(row: MovementRow, refs: Sequence[LineRef]) -> MrrMovement:
+    cur = row.currency
+    return MOVEMENT_ADAPTER.validate_python(
+        {
+            "id": row.id,
+            "at": row.at,
+            "customer": row.customer,
+            "subscription": row.subscription,
+            "type": row.type,
+            "subtype": row.subtype,
+            "currency": cur,
+            "mrr_before": from_minor(row.mrr_before, cur),
+            "mrr_after": from_minor(row.mrr_after, cur),
+            "delta": from_minor(row.delta, cur),
+            "reporting_currency": row.reporting_currency,
+            "reporting_delta": from_minor(row.reporting_delta, row.reporting_currency),
+            "cause": row.cause,
+            "event_index": row.event_index,
+            "invoice_lines": tuple(refs),
+        }
+    )
+
+
+# --- current view: customers and subscriptions ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CustomerView:
+    id: str
+    currency: str
+    tax_rate: Decimal
+    timezone: str
+    locale: str
+    name: str
+    tags: dict[str, str]
+    mrr: Decimal
+    credit_balance: Decimal
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class SubscriptionView:
+    id: str
+    customer: str
+    plan: str
+    quantity: int
+    addons: dict[str, int]
+    status: str  # trialing | active | cancelled
+    cancel_at_period_end: bool
+    scheduled: list[dict[str, Any]]  # period-end changes not yet in force
+    trial_end: datetime | None
+    current_period_start: datetime | None
+    current_period_end: datetime | None
+    ended_at: datetime | None
+    created_at: datetime | None = None  # set from `now` when the row is first written
+
+
+class ViewRepository:
+    """Upserts of the current view; each changed row's `version` is bumped and checked by the
+    ORM (`version_id_col`), so a stale concurrent update fails instead of overwriting."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def put_customer(self, view: CustomerView, *, now: datetime) -> None:
+        row = self.session.get(CustomerRow, view.id)
+        if row is None:
+            row = CustomerRow(id=view.id)
+            self.session.add(row)
+        row.currency = view.currency
+        row.tax_rate = view.tax_rate
+        row.timezone = view.timezone
+        row.locale = view.locale
+        row.name = view.name
+        row.tags = dict(view.tags)
+        row.mrr = to_minor(view.mrr, view.currency)
+        row.credit_balance = to_minor(view.credit_balance, view.currency)
+        row.created_at = view.created_at
+        row.updated_at = now
+        self.session.flush()
+
+    def put_subscription(self, view: SubscriptionView, *, now: datetime) -> None:
+        row = self.session.get(SubscriptionRow, view.id)
+        if row is None:
+            row = SubscriptionRow(id=view.id)
+            self.session.add(row)
+        row.customer = view.customer
+        row.plan = view.plan
+        row.quantity = view.quantity
+        row.addons = dict(view.addons)
+        row.status = view.status
+        row.cancel_at_period_end = view.cancel_at_period_end
+        row.scheduled = list(view.scheduled)
+        row.trial_end = view.trial_end
+        row.current_period_start = view.current_period_start
+        row.current_period_end = view.current_period_end
+        row.ended_at = view.ended_at
+        if row.created_at is None:
+            row.created_at = view.created_at or now
+        row.updated_at = now
+        self.session.flush()
+
+    def customer(self, customer_id: str) -> CustomerView | None:
+        row = self.session.get(CustomerRow, customer_id)
+        return None if row is None else _customer(row)
+
+    def customers(self) -> list[CustomerView]:
+        query = select(CustomerRow).order_by(CustomerRow.created_at, CustomerRow.id)
+        return [_customer(row) for row in self.session.scalars(query)]
+
+    def subscription(self, subscription_id: str) -> SubscriptionView | None:
+        row = self.session.get(SubscriptionRow, subscription_id)
+        return None if row is None else _subscription(row)
+
+    def subscriptions(self, *, customer: str | None = None) -> list[SubscriptionView]:
+        query = select(SubscriptionRow).order_by(SubscriptionRow.created_at, SubscriptionRow.id)
+        if customer is not None:
+            query = query.where(SubscriptionRow.customer == customer)
+        return [_subscription(row) for row in self.session.scalars(query)]
+
+    def version_of(self, kind: str, key: str) -> int | None:
+        """The row version of a customer or subscription (None when absent)."""
+        table = CustomerRow if kind == "customer" else SubscriptionRow
+        return self.session.scalar(select(table.version).where(table.id == key))
+
+
+def _customer(row: CustomerRow) -> CustomerView:
+    return CustomerView(
+        id=row.id,
+        currency=row.currency,
+        tax_rate=row.tax_rate,
+        timezone=row.timezone,
+        locale=row.locale,
+        name=row.name,
+        tags={str(k): str(v) for k, v in row.tags.items()},
+        mrr=from_minor(row.mrr, row.currency),
+        credit_balance=from_minor(row.credit_balance, row.currency),
+        created_at=row.created_at,
+    )
+
+
+def _subscription(row: SubscriptionRow) -> SubscriptionView:
+    return SubscriptionView(
+        id=row.id,
+        customer=row.customer,
+        plan=row.plan,
+        quantity=row.quantity,
+        addons={str(k): int(v) for k, v in row.addons.items()},
+        status=row.status,
+        cancel_at_period_end=row.cancel_at_period_end,
+        scheduled=[dict(item) for item in row.scheduled],
+        trial_end=row.trial_end,
+        current_period_start=row.current_period_start,
+        current_period_end=row.current_period_end,
+        ended_at=row.ended_at,
+        created_at=row.created_at,
+    )

@@ -1,0 +1,220 @@
+"""The schema: one SQLAlchemy 2 declarative model per table.
+
+- `book_state` is a single row holding the engine's settings, catalog and state snapshot, with a
+  `version` that every save checks and bumps (optimistic concurrency: a save whose version moved
+  since it was loaded fails, so two concurrent commands cannot both win).
+- `invoices`, `invoice_lines`, `mrr_movements`, `movement_invoice_lines` and `commands` are the
+  insert-only ledger written in the same transaction as the snapshot. Only an invoice's `status`
+  ever changes (pay, void).
+- `customers` and `subscriptions` are a current view for queries, refreshed after each command.
+- Money is integer minor units of the row's currency (`billing.money.to_minor`); unit prices,
+  quantities and rates are exact decimals; instants are UTC.
+
+Migrations (`migrations/versions`) create this schema; a test checks they match these models.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Date,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from billing.persistence.types import ExactDecimal, UTCDateTime
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+CODE = 200  # length of customer, subscription, plan and invoice identifiers
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime(), Decimal: ExactDecimal(), date: Date()}
+
+
+class BookStateRow(Base):
+    """The one row of engine state: settings, catalog, snapshot and its version."""
+
+    __tablename__ = "book_state"
+    __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    settings: Mapped[dict[str, Any]] = mapped_column(JSON)
+    catalog: Mapped[dict[str, Any]] = mapped_column(JSON)
+    snapshot: Mapped[bytes] = mapped_column(LargeBinary)
+    version: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[datetime]
+
+
+class CustomerRow(Base):
+    """Current view of a customer, with its MRR and credit balance in minor units."""
+
+    __tablename__ = "customers"
+
+    id: Mapped[str] = mapped_column(String(CODE), primary_key=True)
+    currency: Mapped[str] = mapped_column(String(3))
+    tax_rate: Mapped[Decimal]
+    timezone: Mapped[str] = mapped_column(String(64))
+    locale: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(500))
+    tags: Mapped[dict[str, Any]] = mapped_column(JSON)
+    mrr: Mapped[int] = mapped_column(BigInteger)
+    credit_balance: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    version: Mapped[int] = mapped_column(Integer)
+
+    __mapper_args__ = {"version_id_col": version}
+
+
+class SubscriptionRow(Base):
+    """Current view of a subscription: items in force, status, current period, pending changes."""
+
+    __tablename__ = "subscriptions"
+    __table_args__ = (
+        CheckConstraint("status IN ('trialing', 'active', 'cancelled')", name="status"),
+    )
+
+    id: Mapped[str] = mapped_column(String(CODE), primary_key=True)
+    customer: Mapped[str] = mapped_column(String(CODE), ForeignKey("customers.id"), index=True)
+    plan: Mapped[str] = mapped_column(String(CODE))
+    quantity: Mapped[int] = mapped_column(BigInteger)
+    addons: Mapped[dict[str, Any]] = mapped_column(JSON)  # add-on code -> quantity
+    status: Mapped[str] = mapped_column(String(20))
+    cancel_at_period_end: Mapped[bool] = mapped_column(Boolean)
+    scheduled: Mapped[list[Any]] = mapped_column(JSON)  # period-end changes not yet in force
+    trial_end: Mapped[datetime | None]
+    current_period_start: Mapped[datetime | None]
+    current_period_end: Mapped[datetime | None]
+    ended_at: Mapped[datetime | None]
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    version: Mapped[int] = mapped_column(Integer)
+
+    __mapper_args__ = {"version_id_col": version}
+
+
+class CommandRow(Base):
+    """Every accepted command, in order; `idempotency_key` makes a retried command a no-op."""
+
+    __tablename__ = "commands"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    recorded_at: Mapped[datetime]
+    at: Mapped[datetime]
+    type: Mapped[str] = mapped_column(String(32))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    actor: Mapped[str] = mapped_column(String(200))
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    event_index: Mapped[int | None] = mapped_column(Integer)
+
+
+class InvoiceRow(Base):
+    __tablename__ = "invoices"
+    __table_args__ = (
+        CheckConstraint("status IN ('finalized', 'paid', 'void')", name="status"),
+    )
+
+    number: Mapped[str] = mapped_column(String(CODE), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, unique=True)  # issue order
+    customer: Mapped[str] = mapped_column(String(CODE), index=True)
+    currency: Mapped[str] = mapped_column(String(3))
+    status: Mapped[str] = mapped_column(String(16))
+    issued_at: Mapped[datetime]
+    billing_date: Mapped[date]
+    subtotal: Mapped[int] = mapped_column(BigInteger)
+    discount: Mapped[int] = mapped_column(BigInteger)
+    tax: Mapped[int] = mapped_column(BigInteger)
+    total: Mapped[int] = mapped_column(BigInteger)
+    credit_applied: Mapped[int] = mapped_column(BigInteger)
+    amount_due: Mapped[int] = mapped_column(BigInteger)
+    credit_added: Mapped[int] = mapped_column(BigInteger)
+    command_id: Mapped[int] = mapped_column(ForeignKey("commands.id"), index=True)
+
+    lines: Mapped[list[InvoiceLineRow]] = relationship(
+        order_by="InvoiceLineRow.line_index", lazy="raise"
+    )
+
+
+class InvoiceLineRow(Base):
+    __tablename__ = "invoice_lines"
+
+    invoice_number: Mapped[str] = mapped_column(
+        String(CODE), ForeignKey("invoices.number"), primary_key=True
+    )
+    line_index: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    kind: Mapped[str] = mapped_column(String(16))
+    description: Mapped[str] = mapped_column(Text)
+    subscription: Mapped[str | None] = mapped_column(String(CODE))
+    quantity: Mapped[Decimal | None]
+    unit_amount: Mapped[Decimal | None]  # exact: a unit price may be finer than the minor unit
+    amount: Mapped[int] = mapped_column(BigInteger)
+    included: Mapped[Decimal | None]
+    period_start: Mapped[datetime | None]
+    period_end: Mapped[datetime | None]
+
+
+class MovementRow(Base):
+    __tablename__ = "mrr_movements"
+    __table_args__ = (
+        CheckConstraint(
+            "type IN ('new', 'expansion', 'contraction', 'churn', 'reactivation')", name="type"
+        ),
+        Index("ix_mrr_movements_customer_at", "customer", "at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    at: Mapped[datetime]
+    customer: Mapped[str] = mapped_column(String(CODE))
+    subscription: Mapped[str | None] = mapped_column(String(CODE))
+    type: Mapped[str] = mapped_column(String(16))
+    subtype: Mapped[str | None] = mapped_column(String(16))
+    currency: Mapped[str] = mapped_column(String(3))
+    mrr_before: Mapped[int] = mapped_column(BigInteger)
+    mrr_after: Mapped[int] = mapped_column(BigInteger)
+    delta: Mapped[int] = mapped_column(BigInteger)
+    reporting_currency: Mapped[str] = mapped_column(String(3))
+    reporting_delta: Mapped[int] = mapped_column(BigInteger)
+    cause: Mapped[str] = mapped_column(String(64))
+    event_index: Mapped[int | None] = mapped_column(Integer)
+    command_id: Mapped[int] = mapped_column(ForeignKey("commands.id"), index=True)
+
+
+class MovementLineRow(Base):
+    """A movement's reference to an invoice line that billed it."""
+
+    __tablename__ = "movement_invoice_lines"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["invoice_number", "line_index"],
+            ["invoice_lines.invoice_number", "invoice_lines.line_index"],
+            name="fk_movement_invoice_lines_invoice_lines",
+        ),
+    )
+
+    movement_id: Mapped[int] = mapped_column(ForeignKey("mrr_movements.id"), primary_key=True)
+    invoice_number: Mapped[str] = mapped_column(String(CODE), primary_key=True)
+    line_index: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    command_id: Mapped[int] = mapped_column(ForeignKey("commands.id"), index=True)

@@ -1,0 +1,769 @@
+"""Application services: one function per verb, each one database transaction.
+
+Every command follows the same steps inside a single unit of work: load the book's snapshot,
+apply the event to the pure core (`billing.book.Book`), save the new snapshot with a version
+check, append what the event produced (invoices and lines, invoice status changes, MRR movements
+and their invoice-line links, the command itself), refresh the customers/subscriptions view and
+commit. Any error — bad input, a rule the book refuses, a concurrent writer — rolls the whole
+transaction back, so the database is exactly as it was.
+
+- A command with an `idempotency_key` already recorded returns the recorded result and writes
+  nothing (the same key with a different command is an error).
+- Two commands racing on one book cannot both win: the loser's save raises
+  `ConcurrentModification` (nothing of it is written) and may simply be retried.
+- Reads return `billing.records` models rebuilt from the database, never from the snapshot.
+
+Engines are created by the caller (`billing.persistence.create_engine`); nothing happens at import.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
+from datetime import date, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ValidationError
+
+from billing.book import Book, BookError, Outcome
+from billing.catalog import Catalog
+from billing.money import round_money
+from billing.persistence import (
+    ConcurrentModification,
+    CustomerView,
+    Engine,
+    StoredBook,
+    StoredCommand,
+    SubscriptionView,
+    UnitOfWork,
+    create_engine,
+    current_revision,
+    display_url,
+    head_revision,
+    upgrade,
+    utc_now,
+)
+from billing.records import Invoice, InvoiceStatus, MrrMovement
+from billing.replay import ReplayResult, metrics_for
+from billing.scenario import (
+    EVENT_ADAPTER,
+    AddAddonEvent,
+    CancelEvent,
+    ChangePlanEvent,
+    ChangeQuantityEvent,
+    CustomerEvent,
+    DiscountEvent,
+    Event,
+    InvoiceRunEvent,
+    PayEvent,
+    ReactivateEvent,
+    RemoveAddonEvent,
+    Scenario,
+    ScenarioError,
+    Settings,
+    SubscribeEvent,
+    UsageEvent,
+    VoidEvent,
+    describe_validation_error,
+    parse_instant,
+)
+
+__all__ = [
+    "Applied",
+    "BookError",
+    "ConcurrentModification",
+    "NotFound",
+    "Outcome",
+    "ProgressCallback",
+    "ReplayResult",
+    "ServiceError",
+    "add_addon",
+    "add_discount",
+    "apply_event",
+    "apply_events",
+    "book_config",
+    "cancel",
+    "change_plan",
+    "change_quantity",
+    "check_schema",
+    "create_customer",
+    "execute",
+    "get_customer",
+    "get_invoice",
+    "init_database",
+    "list_customers",
+    "list_invoices",
+    "list_movements",
+    "list_subscriptions",
+    "load_catalog",
+    "pay",
+    "reactivate",
+    "record_usage",
+    "remove_addon",
+    "replay",
+    "run_invoices",
+    "subscribe",
+    "void",
+]
+
+Clock = Callable[[], datetime]
+ProgressCallback = Callable[[int, int], None]
+"""Called as `(done, total)` while an invoice run's invoices are written."""
+
+AtLike = datetime | date | str | None
+_INVOICE_CHUNK = 200
+
+
+class ServiceError(ValueError):
+    """A request refused before the book sees it: no catalog loaded, a reused idempotency key,
+    a database that is not initialised or not empty."""
+
+
+class NotFound(ServiceError):
+    """The invoice, customer or subscription asked for does not exist."""
+
+
+@dataclass(frozen=True)
+class Applied:
+    """The result of one command: what it produced, its command id, and whether it was a retry
+    of an already recorded idempotency key (then nothing was written)."""
+
+    outcome: Outcome
+    command_id: int
+    duplicate: bool = False
+
+
+# --- schema and catalog -----------------------------------------------------------------------
+
+
+def init_database(url: str | None = None) -> str | None:
+    """Create or migrate the schema at `url` (default: `BILLING_DATABASE_URL` or the SQLite
+    file) to the newest revision; return that revision."""
+    engine = create_engine(url)
+    try:
+        upgrade(engine)
+        return current_revision(engine)
+    finally:
+        engine.dispose()
+
+
+def check_schema(engine: Engine) -> None:
+    """Raise ServiceError unless the database is migrated to the newest revision."""
+    revision = current_revision(engine)
+    head = head_revision()
+    if revision is None:
+        raise ServiceError(f"{display_url(engine.url)} has no billing schema; run `billing init` first")
+    if revision != head:
+        raise ServiceError(
+            f"{display_url(engine.url)} is at schema revision {revision}, this version needs {head}; "
+            "run `billing init` to migrate"
+        )
+
+
+LoadResult = Literal["created", "replaced", "extended", "unchanged"]
+
+
+def load_catalog(
+    engine: Engine, catalog: Catalog, settings: Settings | None = None, *, clock: Clock = utc_now
+) -> LoadResult:
+    """Install the catalog (and settings) the book prices with.
+
+    An empty database gets a new book ("created"). Before any command has been applied both may
+    be replaced ("replaced"). Afterwards the catalog may only grow: every existing plan, add-on
+    and metric must be kept unchanged ("extended"), and the settings cannot change — history
+    already billed must never be re-priced. Loading what is already there is "unchanged".
+    """
+    with UnitOfWork(engine, clock=clock) as uow:
+        stored = uow.book.load()
+        now = uow.now()
+        if stored is None:
+            new_settings = settings if settings is not None else Settings()
+            uow.book.create(new_settings, catalog, Book(new_settings, catalog).dumps(), now=now)
+            uow.commit()
+            return "created"
+        settings_same = settings is None or settings == stored.settings
+        if catalog == stored.catalog and settings_same:
+            return "unchanged"
+        commands = uow.commands.count()
+        if commands == 0:
+            new_settings = settings if settings is not None else stored.settings
+            uow.book.save(
+                Book(new_settings, catalog).dumps(),
+                expected_version=stored.version,
+                now=now,
+                settings=new_settings,
+                catalog=catalog,
+            )
+            uow.commit()
+            return "replaced"
+        if not settings_same:
+            raise ServiceError(
+                f"the book already holds {commands} command(s); its settings can no longer change"
+            )
+        _check_additive(stored.catalog, catalog)
+        book = Book.loads(stored.snapshot)
+        book.catalog = catalog
+        uow.book.save(book.dumps(), expected_version=stored.version, now=now, catalog=catalog)
+        uow.commit()
+        return "extended"
+
+
+def _check_additive(old: Catalog, new: Catalog) -> None:
+    for kind, before, after in (
+        ("plan", old.plans, new.plans),
+        ("addon", old.addons, new.addons),
+        ("metric", old.metrics, new.metrics),
+    ):
+        by_code = {item.code: item for item in after}
+        for item in before:
+            if item.code not in by_code:
+                raise ServiceError(f"catalog: {kind} {item.code!r} is in use by the book and cannot be removed")
+            if by_code[item.code] != item:
+                raise ServiceError(
+                    f"catalog: {kind} {item.code!r} is in use by the book and cannot change; "
+                    "add a new code instead"
+                )
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+
+def execute(
+    engine: Engine,
+    event: Event | Mapping[str, Any],
+    *,
+    actor: str,
+    idempotency_key: str | None = None,
+    index: int | None = None,
+    clock: Clock = utc_now,
+    progress: ProgressCallback | None = None,
+) -> Applied:
+    """Apply one event in one transaction and say what happened (see `Applied`)."""
+    ev = _as_event(event)
+    payload = ev.model_dump(mode="json", by_alias=True)
+    with UnitOfWork(engine, clock=clock) as uow:
+        if idempotency_key is not None:
+            previous = uow.commands.by_key(idempotency_key)
+            if previous is not None:
+                if previous.payload != payload:
+                    raise ServiceError(
+                        f"idempotency key {idempotency_key!r} was already used for a different "
+                        f"{previous.type} command (#{previous.id})"
+                    )
+                return Applied(_recorded_outcome(uow, previous), previous.id, duplicate=True)
+        stored = _require_book(uow)
+        book = Book.loads(stored.snapshot)
+        before = _view_of(book)
+        outcome = book.apply(ev, index)
+        now = uow.now()
+        uow.book.save(book.dumps(), expected_version=stored.version, now=now)
+        command_id = uow.commands.add(
+            recorded_at=now,
+            at=ev.at,
+            type=ev.type,
+            payload=payload,
+            actor=actor,
+            idempotency_key=idempotency_key,
+            event_index=index,
+        )
+        total = len(outcome.issued)
+        for start in range(0, total, _INVOICE_CHUNK):
+            uow.ledger.add_invoices(outcome.issued[start : start + _INVOICE_CHUNK], command_id)
+            if progress is not None:
+                progress(min(start + _INVOICE_CHUNK, total), total)
+        for number, status in outcome.status_changes:
+            uow.ledger.set_status(number, status)
+        uow.ledger.add_movements(outcome.movements, command_id)
+        own_links = [(m.id, ref) for m in outcome.movements for ref in m.invoice_lines]
+        uow.ledger.add_links([*own_links, *outcome.links], command_id)
+        _refresh_view(uow, before, _view_of(book), at=ev.at, now=now)
+        uow.commit()
+    return Applied(outcome, command_id)
+
+
+def apply_event(
+    engine: Engine,
+    event: Event | Mapping[str, Any],
+    *,
+    actor: str,
+    idempotency_key: str | None = None,
+    index: int | None = None,
+    clock: Clock = utc_now,
+) -> Outcome:
+    """Apply one event (a command model or its JSON-like mapping) in one transaction.
+
+    `index` names the event in error messages (`events[3] (...)`) and on its movements. A
+    repeated `idempotency_key` returns the recorded outcome without changing anything.
+    """
+    return execute(engine, event, actor=actor, idempotency_key=idempotency_key, index=index,
+                   clock=clock).outcome
+
+
+def apply_events(
+    engine: Engine,
+    events: Iterable[Event | Mapping[str, Any]],
+    *,
+    actor: str,
+    start_index: int = 0,
+    idempotency_prefix: str | None = None,
+    clock: Clock = utc_now,
+) -> list[Outcome]:
+    """Apply events in order, each in its own transaction; stop at the first error (the events
+    before it stay applied). With `idempotency_prefix`, event i gets the key `prefix:i`, so
+    re-running the same batch applies only what is missing."""
+    outcomes: list[Outcome] = []
+    for offset, event in enumerate(events):
+        index = start_index + offset
+        key = None if idempotency_prefix is None else f"{idempotency_prefix}:{index}"
+        outcomes.append(
+            apply_event(engine, event, actor=actor, idempotency_key=key, index=index, clock=clock)
+        )
+    return outcomes
+
+
+def run_invoices(
+    engine: Engine,
+    as_of: AtLike,
+    *,
+    actor: str,
+    idempotency_key: str | None = None,
+    progress: ProgressCallback | None = None,
+    clock: Clock = utc_now,
+) -> Outcome:
+    """Bill everything due at `as_of` (an instant, or a date meaning midnight UTC; default now).
+    Running again at the same time issues nothing new."""
+    event = _build("invoice_run", clock, at=as_of)
+    return execute(engine, event, actor=actor, idempotency_key=idempotency_key, clock=clock,
+                   progress=progress).outcome
+
+
+# --- convenience verbs: keyword arguments in, validated command models -------------------------
+
+
+def create_customer(
+    engine: Engine,
+    *,
+    customer: str,
+    currency: str,
+    actor: str,
+    tax_rate: Decimal | str | None = None,
+    timezone: str | None = None,
+    locale: str | None = None,
+    name: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    at: AtLike = None,
+    idempotency_key: str | None = None,
+    clock: Clock = utc_now,
+) -> Outcome:
+    return _verb(engine, "customer", actor, idempotency_key, clock, at=at, customer=customer,
+                 currency=currency, tax_rate=tax_rate, timezone=timezone, locale=locale, name=name,
+                 tags=None if tags is None else dict(tags))
+
+
+def subscribe(
+    engine: Engine,
+    *,
+    customer: str,
+    subscription: str,
+    plan: str,
+    actor: str,
+    quantity: int | None = None,
+    addons: Mapping[str, int] | None = None,
+    billing_day: int | None = None,
+    trial_days: int | None = None,
+    at: AtLike = None,
+    idempotency_key: str | None = None,
+    clock: Clock = utc_now,
+) -> Outcome:
+    """Start a subscription; `addons` maps add-on codes to quantities."""
+    addon_list = None if addons is None else [{"addon": c, "quantity": q} for c, q in addons.items()]
+    return _verb(engine, "subscribe", actor, idempotency_key, clock, at=at, customer=customer,
+                 subscription=subscription, plan=plan, quantity=quantity, addons=addon_list,
+                 billing_day=billing_day, trial_days=trial_days)
+
+
+def change_quantity(
+    engine: Engine,
+    *,
+    subscription: str,
+    quantity: int,
+    actor: str,
+    effective: str | None = None,
+    at: AtLike = None,
+    idempotency_key: str | None = None,
+    clock: Clock = utc_now,
+) -> Outcome:
+    return _verb(engine, "change_quantity", actor, idempotency_key, clock, at=at,
+                 subscription=subscription, quantity=quantity, effective=effective)
+
+
+def change_plan(
+    engine: Engine,
+    *,
+    subscription: str,
+    plan: str,
+    actor: str,
+    quantity: int | None = None,
+    effective: str | None = None,
+    at: AtLike = None,
+    idempotency_key: str | None = None,
+    clock: Clock = utc_now,
+) -> Outcome:
+    return _verb(engine, "change_plan", actor, idempotency_key, clock, at=at,
+                 subscription=subscription, plan=plan, quantity=quantity, effective=effective)
+
+
+def add_addon(
+    engine: Engine,
+    *,
+    subscription: str,
+    addon: str,
+    actor: str,
+    quantity: int | None = None,
+    effective: str | None = None,
+    at: AtLike = None,
+    idempotency_key: str | None = None,
+    clock: Clock = utc_now,
+) -> Outcome:
+    return _verb(engine, "add_addon", actor, idempotency_key, clock, at=at,
+                 subscription=subscription, addon=addon, quantity=quantity, effective=effective)
+
+
+def remove_addon(
+    engine: Engine,
+    *,
+    subscription: str,
+    addon: str,
+    actor: str,
+    effective: str | None = None,
+    at: AtLike = None,
+    idempotency_key: str | None = None,
+    clock: Clock = utc_now,
+) -> Outcome:
+    return _verb(engine, "remove_addon", actor, idempotency_key, clock, at=at,
+                 subscription=subscription, addon=addon, effective=effective)
+
+
+def add_discount(
+    engine: Engine,
+    *,
+    actor: str,
+    customer: str | None = None,
+    subscription: str | None = None,
+    percent: Decimal | str | None = None,
+    amount: Decimal | str | None = None,
+    duration: str | Mapping[str, int] | None = None,
+    at: AtLike = None,
+    idempotency_key: str | None = None,
+    clock: Clock = utc_now,
+) -> Outcome:
+    """A coupon on a customer or one subscription: `percent` or `amount`, for `duration`
+    "forever" (default), "once" or {"periods": N}."""
+    return _verb(engine, "discount", actor, idempotency_key, clock, at=at, customer=customer,
+                 subscription=subscription, percent=percent, amount=amount,
+                 duration=None if duration is None or isinstance(duration, str) else dict(duration))
+
+
+def cancel(
+    engine: Engine,
+    *,
+    subscription: str,
+    actor: str,
+    effective: str | None = None,
+    at: AtLike = None,
+    idempotency_key: str | None = None,
+    clock: Clock = utc_now,
+) -> Outcome:
+    """End a subscription at its period end (default) or "immediately"."""
+    return _verb(engine, "cancel", actor, idempotency_key, clock, at=at, subscription=subscription,
+                 effective=effective)
+
+
+def reactivate(
+    engine: Engine,
+    *,
+    subscription: str,
+    actor: str,
+    at: AtLike = None,
+    idempotency_key: str | None = None,
+    clock: Clock = utc_now,
+) -> Outcome:
+    return _verb(engine, "reactivate", actor, idempotency_key, clock, at=at, subscription=subscription)
+
+
+def record_usage(
+    engine: Engine,
+    *,
+    subscription: str,
+    metric: str,
+    value: Decimal | int | str,
+    id: str,
+    actor: str,
+    properties: Mapping[str, Any] | None = None,
+    at: AtLike = None,
+    idempotency_key: str | None = None,
+    clock: Clock = utc_now,
+) -> Outcome:
+    """One usage event; a repeated `id` for the subscription is ignored by the book."""
+    return _verb(engine, "usage", actor, idempotency_key, clock, at=at, subscription=subscription,
+                 metric=metric, value=value, id=id,
+                 properties=None if properties is None else dict(properties))
+
+
+def pay(
+    engine: Engine,
+    *,
+    invoice: str,
+    actor: str,
+    at: AtLike = None,
+    idempotency_key: str | None = None,
+    clock: Clock = utc_now,
+) -> Outcome:
+    return _verb(engine, "pay", actor, idempotency_key, clock, at=at, invoice=invoice)
+
+
+def void(
+    engine: Engine,
+    *,
+    invoice: str,
+    actor: str,
+    at: AtLike = None,
+    idempotency_key: str | None = None,
+    clock: Clock = utc_now,
+) -> Outcome:
+    return _verb(engine, "void", actor, idempotency_key, clock, at=at, invoice=invoice)
+
+
+# --- reads ------------------------------------------------------------------------------------
+
+
+def list_invoices(engine: Engine, *, customer: str | None = None, status: str | None = None) -> list[Invoice]:
+    """Invoices in the order issued, with their lines, optionally filtered."""
+    with UnitOfWork(engine) as uow:
+        return uow.ledger.invoices(customer=customer, status=status)
+
+
+def get_invoice(engine: Engine, number: str) -> Invoice:
+    with UnitOfWork(engine) as uow:
+        invoice = uow.ledger.invoice(number)
+    if invoice is None:
+        raise NotFound(f"invoice {number!r} not found")
+    return invoice
+
+
+def list_movements(engine: Engine, *, customer: str | None = None) -> list[MrrMovement]:
+    """MRR movements in application order, each with the invoice lines that billed it."""
+    with UnitOfWork(engine) as uow:
+        return uow.ledger.movements(customer=customer)
+
+
+def book_config(engine: Engine) -> tuple[Settings, Catalog] | None:
+    """The settings and catalog of the book in the database; None before a catalog is loaded."""
+    with UnitOfWork(engine) as uow:
+        stored = uow.book.load()
+    return None if stored is None else (stored.settings, stored.catalog)
+
+
+def get_customer(engine: Engine, customer: str) -> CustomerView:
+    with UnitOfWork(engine) as uow:
+        found = uow.view.customer(customer)
+    if found is None:
+        raise NotFound(f"customer {customer!r} not found")
+    return found
+
+
+def list_customers(engine: Engine) -> list[CustomerView]:
+    with UnitOfWork(engine) as uow:
+        return uow.view.customers()
+
+
+def list_subscriptions(engine: Engine, *, customer: str | None = None) -> list[SubscriptionView]:
+    with UnitOfWork(engine) as uow:
+        return uow.view.subscriptions(customer=customer)
+
+
+# --- replay -----------------------------------------------------------------------------------
+
+
+def replay(scenario: Scenario, url: str | None = None, *, clock: Clock = utc_now) -> ReplayResult:
+    """Replay a scenario through the database and read the result back from it.
+
+    Without `url` the database is a temporary SQLite file, removed afterwards. With `url` the
+    database is migrated and kept for inspection; it must not already hold a book. Every event
+    goes through `apply_event` with its position as index, so errors name `events[i]`.
+    """
+    if url is not None:
+        return _replay_into(scenario, url, durable=True, clock=clock)
+    with tempfile.TemporaryDirectory(prefix="billing-replay-") as tmp:
+        path = Path(tmp) / "replay.sqlite"
+        return _replay_into(scenario, f"sqlite:///{path}", durable=False, clock=clock)
+
+
+def _replay_into(scenario: Scenario, url: str, *, durable: bool, clock: Clock) -> ReplayResult:
+    engine = create_engine(url, durable=durable)
+    try:
+        upgrade(engine)
+        with UnitOfWork(engine) as uow:
+            if uow.book.load() is not None or uow.commands.count() > 0:
+                raise ServiceError(
+                    f"{display_url(url)} already holds a book; replay needs an empty database"
+                )
+        load_catalog(engine, scenario.catalog, scenario.settings, clock=clock)
+        for index, event in enumerate(scenario.events):
+            apply_event(engine, event, actor="replay", index=index, clock=clock)
+        invoices = list_invoices(engine)
+        movements = list_movements(engine)
+        return ReplayResult(invoices, movements, metrics_for(scenario, movements))
+    finally:
+        engine.dispose()
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def _require_book(uow: UnitOfWork) -> StoredBook:
+    stored = uow.book.load()
+    if stored is None:
+        raise ServiceError("no catalog loaded; run `billing catalog load FILE` first")
+    return stored
+
+
+_EVENT_MODELS: dict[str, type[Event]] = {
+    "customer": CustomerEvent,
+    "subscribe": SubscribeEvent,
+    "change_quantity": ChangeQuantityEvent,
+    "change_plan": ChangePlanEvent,
+    "add_addon": AddAddonEvent,
+    "remove_addon": RemoveAddonEvent,
+    "usage": UsageEvent,
+    "discount": DiscountEvent,
+    "cancel": CancelEvent,
+    "reactivate": ReactivateEvent,
+    "invoice_run": InvoiceRunEvent,
+    "pay": PayEvent,
+    "void": VoidEvent,
+}
+_EVENT_CLASSES = tuple(_EVENT_MODELS.values())
+
+
+def _as_event(event: Event | Mapping[str, Any]) -> Event:
+    """The command model for an event given as a model or as its JSON-like mapping."""
+    if isinstance(event, _EVENT_CLASSES):
+        return event
+    if isinstance(event, BaseModel) or not isinstance(event, Mapping):
+        raise ScenarioError(f"not a billing command: {type(event).__name__}")
+    try:
+        return EVENT_ADAPTER.validate_python(dict(event))
+    except ValidationError as exc:
+        raise ScenarioError(describe_validation_error(exc)) from None
+
+
+def _build(type_: str, clock: Clock, **fields: Any) -> Event:
+    """A command model from keyword arguments; None means "the default". Decimals travel as
+    strings, as in the scenario format. Validation errors name the command and the field."""
+    at = fields.pop("at", None)
+    data: dict[str, Any] = {"type": type_, "at": _instant(at if at is not None else clock())}
+    for key, value in fields.items():
+        if value is not None:
+            data[key] = str(value) if isinstance(value, Decimal) else value
+    try:
+        return _EVENT_MODELS[type_].model_validate(data)
+    except ValidationError as exc:
+        raise ScenarioError(f"{type_}: {describe_validation_error(exc)}") from None
+
+
+def _verb(
+    engine: Engine, type_: str, actor: str, idempotency_key: str | None, clock: Clock, **fields: Any
+) -> Outcome:
+    event = _build(type_, clock, **fields)
+    return execute(engine, event, actor=actor, idempotency_key=idempotency_key, clock=clock).outcome
+
+
+def _instant(value: datetime | date | str) -> datetime:
+    try:
+        return parse_instant(value)
+    except ValueError as exc:
+        raise ScenarioError(f"at: {exc}") from None
+
+
+def _recorded_outcome(uow: UnitOfWork, command: StoredCommand) -> Outcome:
+    """The outcome of an already applied command, rebuilt from what it wrote."""
+    changes: list[tuple[str, InvoiceStatus]] = []
+    if command.type == "pay":
+        changes.append((str(command.payload["invoice"]), "paid"))
+    elif command.type == "void":
+        changes.append((str(command.payload["invoice"]), "void"))
+    return Outcome(
+        issued=uow.ledger.invoices(command_id=command.id),
+        status_changes=changes,
+        movements=uow.ledger.movements(command_id=command.id),
+        links=uow.ledger.links_of_command(command.id),
+    )
+
+
+@dataclass
+class _View:
+    customers: dict[str, CustomerView] = field(default_factory=dict)
+    subscriptions: dict[str, SubscriptionView] = field(default_factory=dict)
+
+
+def _view_of(book: Book) -> _View:
+    """The customers and subscriptions as the book holds them now."""
+    view = _View()
+    mode = book.settings.rounding
+    for acct in book.accounts.values():
+        view.customers[acct.id] = CustomerView(
+            id=acct.id,
+            currency=acct.currency,
+            tax_rate=acct.tax_rate,
+            timezone=acct.tz,
+            locale=acct.locale,
+            name=acct.name,
+            tags=dict(acct.tags),
+            mrr=round_money(acct.mrr, acct.currency, mode),
+            credit_balance=round_money(acct.credit, acct.currency, mode),
+            created_at=acct.created_at,
+        )
+    for sub in book.subscriptions.values():
+        view.subscriptions[sub.id] = SubscriptionView(
+            id=sub.id,
+            customer=sub.customer,
+            plan=sub.items.plan,
+            quantity=sub.items.quantity,
+            addons=dict(sub.items.addons),
+            status=sub.status,
+            cancel_at_period_end=sub.cancel_at_period_end,
+            scheduled=[_plain(s) for s in sub.scheduled],
+            trial_end=sub.trial_end,
+            current_period_start=None if sub.current is None else sub.current.start,
+            current_period_end=None if sub.current is None else sub.current.end,
+            ended_at=sub.ended_at,
+        )
+    return view
+
+
+def _plain(change: Any) -> dict[str, Any]:
+    """A scheduled change as JSON-safe data (its set fields, without the event index)."""
+    fields = asdict(change) if is_dataclass(change) and not isinstance(change, type) else dict(vars(change))
+    return {
+        key: value if isinstance(value, (str, int, float, bool)) else str(value)
+        for key, value in fields.items()
+        if value is not None and key != "index"
+    }
+
+
+def _refresh_view(uow: UnitOfWork, before: _View, after: _View, *, at: datetime, now: datetime) -> None:
+    """Write the customers and subscriptions whose view changed (customers first: the
+    subscriptions reference them). New subscriptions are dated at the command's time."""
+    for key, customer in after.customers.items():
+        if before.customers.get(key) != customer:
+            uow.view.put_customer(customer, now=now)
+    for key, sub in after.subscriptions.items():
+        previous = before.subscriptions.get(key)
+        if previous is None:
+            uow.view.put_subscription(replace(sub, created_at=at), now=now)
+        elif previous != sub:
+            uow.view.put_subscription(sub, now=now)

@@ -1,0 +1,64 @@
+"""The Alembic migrations shipped in the package create exactly the schema the models describe."""
+
+from __future__ import annotations
+
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from conftest import Db
+from sqlalchemy import inspect
+
+from billing import service
+from billing.persistence import current_revision, head_revision, upgrade
+from billing.persistence.engine import migration_config
+from billing.persistence.tables import Base
+
+TABLES = {
+    "alembic_version",
+    "book_state",
+    "commands",
+    "customers",
+    "invoice_lines",
+    "invoices",
+    "movement_invoice_lines",
+    "mrr_movements",
+    "subscriptions",
+}
+
+
+def test_upgrade_creates_every_table(empty_db: Db) -> None:
+    assert current_revision(empty_db.engine) is None
+    upgrade(empty_db.engine)
+    assert set(inspect(empty_db.engine).get_table_names()) == TABLES
+    assert current_revision(empty_db.engine) == head_revision() == "0001"
+
+
+def test_migrated_schema_matches_the_models(db: Db) -> None:
+    with db.engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"compare_type": True})
+        assert compare_metadata(context, Base.metadata) == []
+
+
+def test_money_columns_are_integers_and_instants_keep_their_zone(db: Db) -> None:
+    columns = {c["name"]: c for c in inspect(db.engine).get_columns("invoices")}
+    for name in ("subtotal", "discount", "tax", "total", "credit_applied", "amount_due", "credit_added"):
+        assert columns[name]["type"].python_type is int
+        assert columns[name]["nullable"] is False
+    if db.backend == "postgresql":
+        assert columns["issued_at"]["type"].timezone is True
+
+
+def test_upgrade_is_idempotent_and_downgrade_reverses_it(db: Db) -> None:
+    upgrade(db.engine)  # at head already: nothing to do
+    config = migration_config()
+    with db.engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "base")
+    assert set(inspect(db.engine).get_table_names()) == {"alembic_version"}
+    upgrade(db.engine)
+    assert set(inspect(db.engine).get_table_names()) == TABLES
+
+
+def test_init_database_from_a_url(empty_db: Db) -> None:
+    assert service.init_database(empty_db.url) == "0001"
+    service.check_schema(empty_db.engine)
