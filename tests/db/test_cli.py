@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
-from conftest import Db
+from dbkit import Db
 
 from billing.cli import cli
 from billing.replay import replay_in_memory

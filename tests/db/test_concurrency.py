@@ -3,10 +3,11 @@ raises ConcurrentModification, and nothing of it is written."""
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime
 
 import pytest
-from conftest import Db, FakeBook, invoice, line
+from dbkit import Db, FakeBook, invoice, line
 from sqlalchemy import func, select
 
 from billing import service
@@ -97,3 +98,35 @@ def test_view_rows_carry_a_version_bumped_on_each_change(db: Db) -> None:
         assert uow.view.version_of("subscription", "s1") == 3
         # created, then its MRR moved three times
         assert uow.view.version_of("customer", "acme") == 4
+
+
+def test_two_threads_racing_one_wins(db: Db, fake_book: type[FakeBook]) -> None:
+    """Both commands load version 1 before either saves; exactly one commits."""
+    service.load_catalog(db.engine, Catalog(), Settings())
+    both_loaded = threading.Barrier(2, timeout=20)
+
+    def script(book: FakeBook, event: object, index: int | None) -> Outcome:
+        both_loaded.wait()
+        name = threading.current_thread().name
+        return Outcome(issued=[invoice(f"{name}-1", "USD", [line("10.00")])])
+
+    fake_book.script = script
+    errors: dict[str, BaseException] = {}
+
+    def command(name: str) -> None:
+        try:
+            service.run_invoices(db.engine, "2026-01-01", actor=name)
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+            errors[name] = exc
+
+    threads = [threading.Thread(target=command, args=(n,), name=n) for n in ("A", "B")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(errors) == 1, errors
+    [(loser, error)] = errors.items()
+    assert isinstance(error, ConcurrentModification), repr(error)
+    winner = "B" if loser == "A" else "A"
+    assert [i.number for i in service.list_invoices(db.engine)] == [f"{winner}-1"]
+    assert _count(db, CommandRow) == 1

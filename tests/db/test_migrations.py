@@ -5,7 +5,7 @@ from __future__ import annotations
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from conftest import Db
+from dbkit import Db
 from sqlalchemy import inspect
 
 from billing import service

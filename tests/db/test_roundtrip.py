@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
-from conftest import Db, FakeBook, invoice, line, t
+from dbkit import Db, FakeBook, invoice, line, t
 from sqlalchemy import select
 
 from billing import service

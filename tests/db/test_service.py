@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Db, FakeBook, invoice, line
+from dbkit import Db, FakeBook, invoice, line
 from sqlalchemy import select
 
 from billing import service
