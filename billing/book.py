@@ -21,7 +21,6 @@ Billing rules (SCENARIOS.md "Changes and proration", "Invoices"; Kill Bill's inv
 
 from __future__ import annotations
 
-import copy
 import pickle
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -178,7 +177,7 @@ class Book:
 
     def apply(self, event: Event, index: int | None = None) -> Outcome:
         """Apply due transitions, then the event. On error the book is left unchanged."""
-        work = copy.deepcopy(self)
+        work = Book.loads(self.dumps())  # a copy: on error `self` is untouched
         work._out = Outcome()
         work._index = index
         try:

@@ -25,7 +25,6 @@ from pydantic import ValidationError
 
 from billing import service
 from billing.catalog import Catalog
-from billing.expect import check as check_expectations
 from billing.money import MoneyError, money_str
 from billing.periods import iso
 from billing.persistence import (
@@ -340,12 +339,10 @@ def replay(ctx: click.Context, file: str, as_json: bool, check: bool, db: str | 
     scenario = parse_scenario_text(_read_text(file))
     if check and scenario.expect is None:
         raise InputError(f"{file} has no expect block to check")
-    result = service.replay(scenario, db)
-    output = json.loads(_dump(result.to_json()))
+    result, output, report = service.replay_and_check(scenario, db)
     if as_json:
         click.echo(_dump(output))
     if check:
-        report = check_expectations(scenario.expect, output)
         for difference in report.differences:
             click.echo(difference, err=as_json)
         if report.differences:

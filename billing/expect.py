@@ -3,9 +3,11 @@
 The rules, applied recursively from the top of the `expect` block:
 - A dict is compared on the keys present in `expect` only; a key the output lacks is a difference
   (so a misspelt key never passes silently).
-- A list is compared position by position (invoices, movements, metric periods, lines, links),
-  and its length must match: a missing or an extra invoice is a difference. Write `{}` at a
-  position you do not care about.
+- A list is compared position by position (invoices, movements, metric periods, lines, links)
+  over the positions `expect` lists: `expect` holds any subset of the output, so items after
+  the last one listed are not compared, while an expected item the output lacks is a difference;
+  an empty list in `expect` means "none".
+  Write `{}` at a position you do not care about.
 - `null` matches only `null`.
 - Amounts compare as decimals after rounding the expected value to the places of the output
   (the currency's minor unit; 2 for rates): "1500" equals "1500.00", "104.5" equals "104.50".
@@ -101,8 +103,9 @@ def _walk(path: str, exp: Any, act: Any, key: str | None, report: Report) -> Non
         if not isinstance(act, list):
             report.differences.append(_difference(path, exp, act))
             return
-        if len(exp) != len(act):
-            report.differences.append(f"{path or 'output'}: expected {len(exp)} items, got {len(act)}")
+        if len(act) < len(exp) or (not exp and act):
+            wanted = "no items" if not exp else f"at least {len(exp)} items"
+            report.differences.append(f"{path or 'output'}: expected {wanted}, got {len(act)}")
         for index, (e, a) in enumerate(zip(exp, act, strict=False)):
             _walk(f"{path}[{index}]", e, a, key, report)
         return

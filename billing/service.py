@@ -18,6 +18,7 @@ Engines are created by the caller (`billing.persistence.create_engine`); nothing
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, is_dataclass, replace
@@ -30,6 +31,8 @@ from pydantic import BaseModel, ValidationError
 
 from billing.book import Book, BookError, Outcome
 from billing.catalog import Catalog
+from billing.expect import Report
+from billing.expect import check as check_expect
 from billing.money import round_money
 from billing.persistence import (
     ConcurrentModification,
@@ -600,6 +603,15 @@ def replay(scenario: Scenario, url: str | None = None, *, clock: Clock = utc_now
     with tempfile.TemporaryDirectory(prefix="billing-replay-") as tmp:
         path = Path(tmp) / "replay.sqlite"
         return _replay_into(scenario, f"sqlite:///{path}", durable=False, clock=clock)
+
+
+def replay_and_check(scenario: Scenario, url: str | None = None, *,
+                     clock: Clock = utc_now) -> tuple[ReplayResult, dict[str, Any], Report]:
+    """`billing replay --check`: replay through the database, shape the JSON output, and compare
+    it with the scenario's `expect` block (billing.expect)."""
+    result = replay(scenario, url, clock=clock)
+    output = json.loads(json.dumps(result.to_json(), default=str))
+    return result, output, check_expect(scenario.expect or {}, output)
 
 
 def _replay_into(scenario: Scenario, url: str, *, durable: bool, clock: Clock) -> ReplayResult:
