@@ -36,45 +36,18 @@ test: venv
 	$(BIN)/mypy --strict billing expansion
 	$(BIN)/pytest
 
-# The book's clock only moves forward (an invoice run can't be dated before an event already
-# applied), so the demo applies the book month by month: the events before each run, then the run.
-# SPLIT_BOOK writes those slices as demo-out/events-K.json (K = the run they come before; the last
-# K holds anything after the last run), each a scenario file with the book's catalog and settings.
-define SPLIT_BOOK
-import bisect, json, sys
-from datetime import datetime, timezone
-book_path, out_dir, runs = sys.argv[1], sys.argv[2], sys.argv[3:]
-def instant(text):
-    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
-with open(book_path) as f:
-    book = json.load(f)
-cuts = [instant(day) for day in runs]
-slices = {}
-for event in book["events"]:
-    slices.setdefault(bisect.bisect_right(cuts, instant(event["at"])), []).append(event)
-for k, events in slices.items():
-    with open(f"{out_dir}/events-{k}.json", "w") as f:
-        json.dump(dict(book, events=events), f, indent=1)
-endef
-export SPLIT_BOOK
-
+# The book's clock only moves forward, so the demo applies the book in slices between the monthly
+# runs: `apply --until DAY` applies the events before DAY not applied yet, then the run bills DAY.
 demo: venv
 	rm -rf $(DEMO_DIR)
 	mkdir -p $(DEMO_DIR)
-	$(BIN)/python -c "$$SPLIT_BOOK" $(DEMO_BOOK) $(DEMO_DIR) $(DEMO_RUNS)
 	$(BILLING) init --db $(DEMO_DB)
-	@set -e; k=0; for day in $(DEMO_RUNS) end; do \
-		if [ -f $(DEMO_DIR)/events-$$k.json ]; then \
-			echo "$(BILLING) apply $(DEMO_DIR)/events-$$k.json --db $(DEMO_DB)"; \
-			$(BILLING) apply $(DEMO_DIR)/events-$$k.json --db $(DEMO_DB); \
-		fi; \
-		if [ $$day != end ]; then \
-			echo "$(BILLING) invoice-run --as-of $$day --db $(DEMO_DB)"; \
-			$(BILLING) invoice-run --as-of $$day --db $(DEMO_DB); \
-		fi; \
-		k=$$((k + 1)); \
+	@set -e; for day in $(DEMO_RUNS); do \
+		echo "== $(BILLING) apply $(DEMO_BOOK) --until $$day; $(BILLING) invoice-run --as-of $$day"; \
+		$(BILLING) apply $(DEMO_BOOK) --until $$day --db $(DEMO_DB) | grep -v "already applied" || true; \
+		$(BILLING) invoice-run --as-of $$day --quiet --db $(DEMO_DB); \
 	done
+	$(BILLING) apply $(DEMO_BOOK) --db $(DEMO_DB) | grep -v "already applied" || true
 	$(BILLING) invoices list --db $(DEMO_DB)
 	$(BILLING) movements list --db $(DEMO_DB)
 

@@ -288,15 +288,18 @@ def _summary(index: int, event: Any, applied: service.Applied) -> str:
 
 @cli.command("apply")
 @click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--until", "until", default=None, metavar="DATE", callback=_instant_option,
+              help="Apply only the events before this time (the rest on a later call).")
 @db_option
 @actor_option
 @click.pass_context
-def apply_file(ctx: click.Context, file: str, db: str, actor: str) -> None:
+def apply_file(ctx: click.Context, file: str, until: datetime | None, db: str, actor: str) -> None:
     """Apply the events of a scenario-format FILE, each in its own transaction.
 
     The file's catalog and settings are loaded first when the database has none. Re-running
     the same file skips the events already applied (each event's idempotency key is derived
-    from the file's content and the event's position).
+    from the file's content and the event's position), so a book can be applied in slices
+    with `--until`, between invoice runs.
     """
     text = _read_text(file)
     try:
@@ -316,6 +319,8 @@ def apply_file(ctx: click.Context, file: str, db: str, actor: str) -> None:
         click.echo(f"note: the database already has a catalog; the one in {file} is not loaded", err=True)
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
     for index, event in enumerate(scenario.events):
+        if until is not None and event.at >= until:
+            break
         applied = service.execute(
             engine, event, actor=actor, idempotency_key=f"apply:{digest}:{index}", index=index
         )
