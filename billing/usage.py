@@ -24,7 +24,7 @@ from billing.catalog import Metric, price_quantity
 from billing.money import MoneyError, parse_decimal
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class UsageRecord:
     """One accepted usage event."""
 
