@@ -175,9 +175,11 @@ class Book:
 
     # -- entry point ---------------------------------------------------------------------------
 
-    def apply(self, event: Event, index: int | None = None) -> Outcome:
-        """Apply due transitions, then the event. On error the book is left unchanged."""
-        work = Book.loads(self.dumps())  # a copy: on error `self` is untouched
+    def apply(self, event: Event, index: int | None = None, *, discard_on_error: bool = False) -> Outcome:
+        """Apply due transitions, then the event. On error the book is left unchanged — unless
+        the caller throws the book away on error anyway (`discard_on_error`, as the services do
+        with the copy they loaded), which spares the copy."""
+        work = self if discard_on_error else Book.loads(self.dumps())
         work._out = Outcome()
         work._index = index
         try:

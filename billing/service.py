@@ -260,7 +260,7 @@ def execute(
         stored = _require_book(uow)
         book = Book.loads(stored.snapshot)
         before = _view_of(book)
-        outcome = book.apply(ev, index)
+        outcome = book.apply(ev, index, discard_on_error=True)
         now = uow.now()
         uow.book.save(book.dumps(), expected_version=stored.version, now=now)
         command_id = uow.commands.add(
