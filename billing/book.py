@@ -4,9 +4,9 @@ machine driven by commands (SCENARIOS.md events).
 `Book.apply(event)` first applies the transitions due at or before the event's time — usage
 periods closing, period-end changes and cancellations, trial ends, discount ends and starts,
 new periods opening — then the event itself, and returns an `Outcome`: the invoices it issued,
-invoice status changes, the MRR movements it emitted and the movement → invoice line links it
-discovered. It does no I/O and reads no clock; a failing command raises `BookError` and leaves
-the book exactly as it was (the command works on a copy).
+invoice status changes, the credit notes it issued, the MRR movements it emitted and the
+movement → invoice line links it discovered. It does no I/O and reads no clock; a failing command
+raises `BookError` and leaves the book exactly as it was (the command works on a copy).
 
 Billing rules (SCENARIOS.md "Changes and proration", "Invoices"; Kill Bill's invoice module):
 - Licensed items are billed in advance for the period starting on the billing date, at the state
@@ -17,6 +17,9 @@ Billing rules (SCENARIOS.md "Changes and proration", "Invoices"; Kill Bill's inv
   billed yet prorates nothing: that period is billed in the new state.
 - A run bills every billing date that has come and is not billed yet, so running twice adds
   nothing; voided invoices' periods are not billed again.
+- Issued invoices never change except their status. Corrections are credit notes
+  (billing.credit_notes) in their own series `CN-0001`, …: their total goes to the customer's
+  credit balance and they move no MRR. An invoice with credit notes can no longer be voided.
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
-from typing import Literal
+from typing import Any, Literal
 
 from billing.catalog import AddOn, Catalog, Plan, Priced, price_quantity
+from billing.credit_notes import CreditNoteError, draft_credit_note
 from billing.discounts import Coupon, Tag, covers, discount_lines
 from billing.fx import MissingRate, rate_at
 from billing.invoicing import totals
@@ -49,6 +53,7 @@ from billing.proration import describe, item_of, proration_lines, shown_quantity
 from billing.records import (
     Churn,
     Contraction,
+    CreditNote,
     Expansion,
     Invoice,
     InvoiceLine,
@@ -64,6 +69,7 @@ from billing.scenario import (
     CancelEvent,
     ChangePlanEvent,
     ChangeQuantityEvent,
+    CreditNoteEvent,
     CustomerEvent,
     DiscountEvent,
     Event,
@@ -124,6 +130,7 @@ class Outcome:
 
     issued: list[Invoice] = field(default_factory=list)
     status_changes: list[tuple[str, InvoiceStatus]] = field(default_factory=list)
+    credit_notes: list[CreditNote] = field(default_factory=list)
     movements: list[MrrMovement] = field(default_factory=list)
     links: list[tuple[int, LineRef]] = field(default_factory=list)
 
@@ -151,8 +158,10 @@ class Book:
         self.coupons: dict[int, Coupon] = {}
         self.invoices: dict[str, Invoice] = {}
         self.invoice_order: list[str] = []
+        self.credit_notes: dict[str, CreditNote] = {}  # by number, in issue order
         self.clock: datetime | None = None
         self.next_invoice = 1
+        self.next_credit_note = 1
         self.next_movement = 1
         self.next_change = 1
         self.next_coupon = 1
@@ -165,6 +174,12 @@ class Book:
 
     def dumps(self) -> bytes:
         return pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a snapshot saved before credit notes existed has no credit note series yet
+        state.setdefault("credit_notes", {})
+        state.setdefault("next_credit_note", 1)
+        self.__dict__.update(state)
 
     @staticmethod
     def loads(data: bytes) -> Book:
@@ -231,6 +246,8 @@ class Book:
                 self._pay(event)
             case VoidEvent():
                 self._void(event)
+            case CreditNoteEvent():
+                self._credit_note(event)
 
     # -- lookups -------------------------------------------------------------------------------
 
@@ -613,9 +630,30 @@ class Book:
         if invoice.status != "finalized":
             raise BookError(f"invoice: only a finalized unpaid invoice can be voided; {ev.invoice!r} is "
                             f"{invoice.status}")
+        notes = [n.number for n in self.credit_notes.values() if n.invoice == ev.invoice]
+        if notes:
+            raise BookError(f"invoice: {ev.invoice!r} has credit note(s) {', '.join(notes)} and can no "
+                            "longer be voided")
         self.accounts[invoice.customer].credit += invoice.credit_applied
         self.invoices[ev.invoice] = invoice.with_status("void")
         self._out.status_changes.append((ev.invoice, "void"))
+
+    def _credit_note(self, ev: CreditNoteEvent) -> None:
+        """Issue the next CN- number against a finalized or paid invoice; its total becomes
+        customer credit (the invoice and MRR are untouched)."""
+        invoice = self._invoice(ev.invoice)
+        acct = self._account(invoice.customer)
+        try:
+            note = draft_credit_note(
+                invoice, ev.lines, earlier=self.credit_notes.values(),
+                number=f"CN-{self.next_credit_note:04d}", at=ev.at, reason=ev.reason,
+                tax_rate=acct.tax_rate, mode=self.settings.rounding)
+        except CreditNoteError as exc:
+            raise BookError(str(exc)) from None
+        self.next_credit_note += 1
+        self.credit_notes[note.number] = note
+        acct.credit += note.total
+        self._out.credit_notes.append(note)
 
     def _invoice(self, number: str) -> Invoice:
         try:
@@ -949,6 +987,9 @@ class Book:
 
     def issued_invoices(self) -> list[Invoice]:
         return [self.invoices[n] for n in self.invoice_order]
+
+    def issued_credit_notes(self) -> list[CreditNote]:
+        return list(self.credit_notes.values())
 
     def current_mrr(self) -> dict[str, Decimal]:
         return {c: a.mrr for c, a in self.accounts.items()}

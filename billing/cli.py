@@ -39,7 +39,15 @@ from billing.persistence import (
     display_url,
     sqlite_file,
 )
-from billing.records import Invoice, MrrMovement, invoice_json, movement_json
+from billing.records import (
+    CREDIT_NOTE_REASONS,
+    CreditNote,
+    Invoice,
+    MrrMovement,
+    credit_note_json,
+    invoice_json,
+    movement_json,
+)
 from billing.scenario import (
     ScenarioError,
     Settings,
@@ -280,6 +288,8 @@ def _summary(index: int, event: Any, applied: service.Applied) -> str:
     if out.issued:
         parts.append("issued " + ", ".join(f"{i.number} ({_amount(i.total, i.currency)})" for i in out.issued))
     parts.extend(f"{number} {status}" for number, status in out.status_changes)
+    parts.extend(f"credit note {n.number} for {n.invoice} ({_amount(n.total, n.currency)})"
+                 for n in out.credit_notes)
     for m in out.movements:
         kind = f"{m.type}/{m.subtype}" if m.subtype else m.type
         parts.append(f"{kind} {m.customer} {money_str(m.delta, m.currency)} {m.currency}")
@@ -361,6 +371,8 @@ def replay(ctx: click.Context, file: str, as_json: bool, check: bool, db: str | 
             click.echo(_invoice_table(result.invoices))
         if result.movements:
             click.echo(_movement_table(result.movements))
+        if result.credit_notes:
+            click.echo(_credit_note_table(result.credit_notes))
 
 
 @cli.command("invoice-run")
@@ -510,6 +522,84 @@ def movements_list(ctx: click.Context, customer: str | None, as_json: bool, db: 
         click.echo(_movement_table(rows))
     else:
         click.echo("no movements")
+
+
+def _credit_line(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[dict[str, str | int]]:
+    """`--line N` (all that is left of invoice line N) or `--line N=AMOUNT` (before tax)."""
+    lines: list[dict[str, str | int]] = []
+    for value in values:
+        index, sep, amount = value.partition("=")
+        if not index.strip().isdigit() or (sep and not amount.strip()):
+            raise click.BadParameter(f"{value!r}: expected N or N=AMOUNT, e.g. 0 or 1=12.50", ctx=ctx, param=param)
+        line: dict[str, str | int] = {"line": int(index)}
+        if sep:
+            line["amount"] = amount.strip()
+        lines.append(line)
+    return lines
+
+
+def _credit_note_text(note: CreditNote) -> str:
+    cur = note.currency
+    head = (f"CREDIT NOTE {note.number} for {note.invoice} ({note.customer}), issued {iso(note.issued_at)}, "
+            f"reason: {note.reason}")
+    table = _table(
+        [[str(line.invoice_line), line.kind, line.description, money_str(line.amount, cur)] for line in note.lines],
+        ["LINE", "KIND", "DESCRIPTION", "CREDITED"],
+    )
+    totals = "\n".join(f"{label:<9}{_amount(value, cur)}" for label, value in
+                       (("subtotal", note.subtotal), ("tax", note.tax), ("total", note.total)))
+    return f"{head}\n{table}\n{totals}\n{_amount(note.total, cur)} added to {note.customer}'s credit balance"
+
+
+def _credit_note_table(rows: list[CreditNote]) -> str:
+    return _table(
+        [[n.number, n.invoice, n.customer, iso(n.issued_at), n.reason, _amount(n.subtotal, n.currency),
+          _amount(n.tax, n.currency), _amount(n.total, n.currency)] for n in rows],
+        ["NUMBER", "INVOICE", "CUSTOMER", "ISSUED", "REASON", "SUBTOTAL", "TAX", "TOTAL"],
+    )
+
+
+@cli.command("credit-note")
+@click.argument("invoice")
+@click.option("--line", "lines", multiple=True, required=True, metavar="N[=AMOUNT]", callback=_credit_line,
+              help="Invoice line N to credit, all that is left of it or AMOUNT before tax; repeatable.")
+@click.option("--reason", required=True, type=click.Choice(CREDIT_NOTE_REASONS))
+@click.option("--at", "at", default=None, metavar="DATE", callback=_instant_option,
+              help="When the note is issued (ISO 8601 instant or date = midnight UTC; default: now).")
+@click.option("--idempotency-key", default=None, help="A retry with the same key issues nothing new.")
+@click.option("--json", "as_json", is_flag=True, help="Print the credit note as JSON.")
+@db_option
+@actor_option
+@click.pass_context
+def credit_note(ctx: click.Context, invoice: str, lines: list[dict[str, str | int]], reason: str,
+                at: datetime | None, idempotency_key: str | None, as_json: bool, db: str, actor: str) -> None:
+    """Issue a credit note against INVOICE (finalized or paid); its total (with tax at the
+    customer's rate) goes to the customer's credit balance. The invoice does not change."""
+    note = service.issue_credit_note(_open(ctx, db), invoice=invoice, lines=lines, reason=reason, actor=actor,
+                                     at=at, idempotency_key=idempotency_key)
+    click.echo(_dump(credit_note_json(note)) if as_json else _credit_note_text(note))
+
+
+@cli.group("credit-notes")
+def credit_notes() -> None:
+    """List issued credit notes."""
+
+
+@credit_notes.command("list")
+@click.option("--customer", default=None, help="Only this customer's credit notes.")
+@click.option("--invoice", default=None, help="Only the credit notes against this invoice.")
+@click.option("--json", "as_json", is_flag=True)
+@db_option
+@click.pass_context
+def credit_notes_list(ctx: click.Context, customer: str | None, invoice: str | None, as_json: bool, db: str) -> None:
+    """Credit notes in the order issued."""
+    rows = service.list_credit_notes(_open(ctx, db), invoice=invoice, customer=customer)
+    if as_json:
+        click.echo(_dump([credit_note_json(n) for n in rows]))
+    elif rows:
+        click.echo(_credit_note_table(rows))
+    else:
+        click.echo("no credit notes")
 
 
 def main() -> None:

@@ -1,9 +1,11 @@
-"""What the engine produces: invoices with their lines, and MRR movements.
+"""What the engine produces: invoices with their lines, credit notes and MRR movements.
 
 These are the records persistence stores, the CLI prints and `billing replay --json` emits
 (SCENARIOS.md, "Output"). Amounts are exact `Decimal`s already rounded to the currency's minor
 unit. MRR movements are a pydantic discriminated union on `type`
-(`New | Expansion | Contraction | Churn | Reactivation`); consumers `match` on them.
+(`New | Expansion | Contraction | Churn | Reactivation`); consumers `match` on them. A credit note
+is its own document (`CN-0001`, …) that references the invoice lines it corrects; the invoice
+itself never changes.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from billing.periods import iso
 
 LineKind = Literal["plan", "addon", "usage", "proration", "discount"]
 InvoiceStatus = Literal["finalized", "paid", "void"]
+CreditNoteReason = Literal["duplicate", "product_unsatisfactory", "order_change", "other"]
+CREDIT_NOTE_REASONS: tuple[str, ...] = ("duplicate", "product_unsatisfactory", "order_change", "other")
 ExpansionSubtype = Literal["seat", "upgrade", "add_on", "usage", "cross_sell", "discount_end"]
 ContractionSubtype = Literal["seat", "downgrade", "add_on", "usage", "cancel", "discount"]
 EXPANSION_SUBTYPES: tuple[str, ...] = ("seat", "upgrade", "add_on", "usage", "cross_sell", "discount_end")
@@ -59,6 +63,31 @@ class Invoice(Record):
 
     def with_status(self, status: InvoiceStatus) -> Invoice:
         return self.model_copy(update={"status": status})
+
+
+class CreditNoteLine(Record):
+    """What one credit note line credits: part or all of one invoice line (by its index)."""
+
+    invoice_line: int
+    kind: LineKind
+    description: str
+    amount: Decimal  # positive: the amount credited, before tax
+
+
+class CreditNote(Record):
+    """A correction of a finalized or paid invoice, numbered in its own series. Its total goes to
+    the customer's credit balance; the invoice stays as issued."""
+
+    number: str
+    invoice: str
+    customer: str
+    currency: str
+    issued_at: datetime
+    reason: CreditNoteReason
+    lines: tuple[CreditNoteLine, ...]
+    subtotal: Decimal
+    tax: Decimal
+    total: Decimal
 
 
 class LineRef(Record):
@@ -147,6 +176,31 @@ def invoice_json(invoice: Invoice) -> dict[str, object]:
         "total": money_str(invoice.total, cur),
         "credit_applied": money_str(invoice.credit_applied, cur),
         "amount_due": money_str(invoice.amount_due, cur),
+    }
+
+
+def credit_note_json(note: CreditNote) -> dict[str, object]:
+    """A credit note in the replay output form (`credit_notes`, beside `invoices`)."""
+    cur = note.currency
+    return {
+        "number": note.number,
+        "invoice": note.invoice,
+        "customer": note.customer,
+        "currency": cur,
+        "issued_at": iso(note.issued_at),
+        "reason": note.reason,
+        "lines": [
+            {
+                "invoice_line": line.invoice_line,
+                "kind": line.kind,
+                "description": line.description,
+                "amount": money_str(line.amount, cur),
+            }
+            for line in note.lines
+        ],
+        "subtotal": money_str(note.subtotal, cur),
+        "tax": money_str(note.tax, cur),
+        "total": money_str(note.total, cur),
     }
 
 

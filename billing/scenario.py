@@ -25,6 +25,7 @@ from pydantic import (
 
 from billing.catalog import Catalog
 from billing.money import check_currency, parse_decimal
+from billing.records import CreditNoteReason
 
 Effective = Literal["immediately", "period_end"]
 
@@ -303,6 +304,33 @@ class VoidEvent(EventBase):
     invoice: Annotated[str, Field(min_length=1)]
 
 
+class CreditNoteLineRequest(Model):
+    """One invoice line to credit: its index on the invoice and the amount before tax (omitted:
+    all that is left to credit on that line)."""
+
+    line: Annotated[StrictInt, Field(ge=0, le=10**6)]
+    amount: Decimal | None = None
+
+    @field_validator("amount", mode="before")
+    @classmethod
+    def _amount(cls, value: object) -> Decimal | None:
+        if value is None:
+            return None
+        amount = _decimal_string(value, "amount")
+        if amount <= 0:
+            raise ValueError("amount must be positive")
+        return amount
+
+
+class CreditNoteEvent(EventBase):
+    """A credit note against a finalized or paid invoice (its number as printed)."""
+
+    type: Literal["credit_note"]
+    invoice: Annotated[str, Field(min_length=1)]
+    lines: Annotated[list[CreditNoteLineRequest], Field(min_length=1, max_length=10_000)]
+    reason: CreditNoteReason
+
+
 Event = Annotated[
     CustomerEvent
     | SubscribeEvent
@@ -316,7 +344,8 @@ Event = Annotated[
     | ReactivateEvent
     | InvoiceRunEvent
     | PayEvent
-    | VoidEvent,
+    | VoidEvent
+    | CreditNoteEvent,
     Field(discriminator="type"),
 ]
 
@@ -352,7 +381,7 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
 
 _EVENT_TYPES = {
     "customer", "subscribe", "change_quantity", "change_plan", "add_addon", "remove_addon",
-    "usage", "discount", "cancel", "reactivate", "invoice_run", "pay", "void",
+    "usage", "discount", "cancel", "reactivate", "invoice_run", "pay", "void", "credit_note",
 }
 
 

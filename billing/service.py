@@ -2,10 +2,10 @@
 
 Every command follows the same steps inside a single unit of work: load the book's snapshot,
 apply the event to the pure core (`billing.book.Book`), save the new snapshot with a version
-check, append what the event produced (invoices and lines, invoice status changes, MRR movements
-and their invoice-line links, the command itself), refresh the customers/subscriptions view and
-commit. Any error — bad input, a rule the book refuses, a concurrent writer — rolls the whole
-transaction back, so the database is exactly as it was.
+check, append what the event produced (invoices and lines, invoice status changes, credit notes and
+their lines, MRR movements and their invoice-line links, the command itself), refresh the
+customers/subscriptions view and commit. Any error — bad input, a rule the book refuses, a
+concurrent writer — rolls the whole transaction back, so the database is exactly as it was.
 
 - A command with an `idempotency_key` already recorded returns the recorded result and writes
   nothing (the same key with a different command is an error).
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from datetime import date, datetime
 from decimal import Decimal
@@ -49,7 +49,7 @@ from billing.persistence import (
     upgrade,
     utc_now,
 )
-from billing.records import Invoice, InvoiceStatus, MrrMovement
+from billing.records import CreditNote, Invoice, InvoiceStatus, MrrMovement
 from billing.replay import ReplayResult, metrics_for
 from billing.scenario import (
     EVENT_ADAPTER,
@@ -57,6 +57,7 @@ from billing.scenario import (
     CancelEvent,
     ChangePlanEvent,
     ChangeQuantityEvent,
+    CreditNoteEvent,
     CustomerEvent,
     DiscountEvent,
     Event,
@@ -94,9 +95,11 @@ __all__ = [
     "check_schema",
     "create_customer",
     "execute",
+    "issue_credit_note",
     "get_customer",
     "get_invoice",
     "init_database",
+    "list_credit_notes",
     "list_customers",
     "list_invoices",
     "list_movements",
@@ -279,6 +282,7 @@ def execute(
                 progress(min(start + _INVOICE_CHUNK, total), total)
         for number, status in outcome.status_changes:
             uow.ledger.set_status(number, status)
+        uow.ledger.add_credit_notes(outcome.credit_notes, command_id)
         uow.ledger.add_movements(outcome.movements, command_id)
         own_links = [(m.id, ref) for m in outcome.movements for ref in m.invoice_lines]
         uow.ledger.add_links([*own_links, *outcome.links], command_id)
@@ -540,6 +544,50 @@ def void(
     return _verb(engine, "void", actor, idempotency_key, clock, at=at, invoice=invoice)
 
 
+CreditLineSpec = int | tuple[int, Decimal | str | None] | Mapping[str, Any]
+"""One line to credit: an invoice line index (all that is left of it), `(index, amount)`, or
+`{"line": index, "amount": "10.00"}`; an amount of None means all that is left."""
+
+
+def issue_credit_note(
+    engine: Engine,
+    *,
+    invoice: str,
+    lines: Sequence[CreditLineSpec],
+    reason: str,
+    actor: str,
+    at: AtLike = None,
+    idempotency_key: str | None = None,
+    clock: Clock = utc_now,
+) -> CreditNote:
+    """Issue a credit note against a finalized or paid invoice and return it.
+
+    `reason` is one of duplicate, product_unsatisfactory, order_change, other. Amounts are before
+    tax; the note's tax is its subtotal at the customer's rate and its total goes to the
+    customer's credit balance, applied by later invoices. The invoice itself does not change.
+    """
+    requested: list[dict[str, Any]] = []
+    for i, spec in enumerate(lines):
+        if isinstance(spec, Mapping):
+            item = dict(spec)
+        elif isinstance(spec, tuple) and len(spec) == 2:
+            item = {"line": spec[0], "amount": spec[1]}
+        elif isinstance(spec, int) and not isinstance(spec, bool):
+            item = {"line": spec}
+        else:
+            raise ScenarioError(f"credit_note: lines[{i}]: give a line index, (index, amount) or "
+                                "{\"line\": index, \"amount\": \"10.00\"}")
+        if item.get("amount") is None:
+            item.pop("amount", None)
+        elif isinstance(item["amount"], Decimal):
+            item["amount"] = str(item["amount"])
+        requested.append(item)
+    event = _build("credit_note", clock, at=at, invoice=invoice, lines=requested, reason=reason)
+    outcome = execute(engine, event, actor=actor, idempotency_key=idempotency_key, clock=clock).outcome
+    [note] = outcome.credit_notes
+    return note
+
+
 # --- reads ------------------------------------------------------------------------------------
 
 
@@ -555,6 +603,14 @@ def get_invoice(engine: Engine, number: str) -> Invoice:
     if invoice is None:
         raise NotFound(f"invoice {number!r} not found")
     return invoice
+
+
+def list_credit_notes(
+    engine: Engine, *, invoice: str | None = None, customer: str | None = None
+) -> list[CreditNote]:
+    """Credit notes in the order issued, with their lines, optionally filtered."""
+    with UnitOfWork(engine) as uow:
+        return uow.ledger.credit_notes(invoice=invoice, customer=customer)
 
 
 def list_movements(engine: Engine, *, customer: str | None = None) -> list[MrrMovement]:
@@ -628,7 +684,7 @@ def _replay_into(scenario: Scenario, url: str, *, durable: bool, clock: Clock) -
             apply_event(engine, event, actor="replay", index=index, clock=clock)
         invoices = list_invoices(engine)
         movements = list_movements(engine)
-        return ReplayResult(invoices, movements, metrics_for(scenario, movements))
+        return ReplayResult(invoices, movements, metrics_for(scenario, movements), list_credit_notes(engine))
     finally:
         engine.dispose()
 
@@ -657,6 +713,7 @@ _EVENT_MODELS: dict[str, type[Event]] = {
     "invoice_run": InvoiceRunEvent,
     "pay": PayEvent,
     "void": VoidEvent,
+    "credit_note": CreditNoteEvent,
 }
 _EVENT_CLASSES = tuple(_EVENT_MODELS.values())
 
@@ -711,6 +768,7 @@ def _recorded_outcome(uow: UnitOfWork, command: StoredCommand) -> Outcome:
     return Outcome(
         issued=uow.ledger.invoices(command_id=command.id),
         status_changes=changes,
+        credit_notes=uow.ledger.credit_notes(command_id=command.id),
         movements=uow.ledger.movements(command_id=command.id),
         links=uow.ledger.links_of_command(command.id),
     )

@@ -22,6 +22,8 @@ from billing.money import from_minor, to_minor
 from billing.persistence.tables import (
     BookStateRow,
     CommandRow,
+    CreditNoteLineRow,
+    CreditNoteRow,
     CustomerRow,
     InvoiceLineRow,
     InvoiceRow,
@@ -29,7 +31,15 @@ from billing.persistence.tables import (
     MovementRow,
     SubscriptionRow,
 )
-from billing.records import Invoice, InvoiceLine, InvoiceStatus, LineRef, MrrMovement
+from billing.records import (
+    CreditNote,
+    CreditNoteLine,
+    Invoice,
+    InvoiceLine,
+    InvoiceStatus,
+    LineRef,
+    MrrMovement,
+)
 from billing.scenario import Settings
 
 MOVEMENT_ADAPTER: TypeAdapter[MrrMovement] = TypeAdapter(MrrMovement)
@@ -201,12 +211,12 @@ def _command(row: CommandRow) -> StoredCommand:
     )
 
 
-# --- ledger: invoices, movements, links -------------------------------------------------------
+# --- ledger: invoices, credit notes, movements, links ------------------------------------------
 
 
 class LedgerRepository:
-    """Invoices with their lines, MRR movements and their invoice-line links. Insert-only,
-    except an invoice's status."""
+    """Invoices with their lines, credit notes with theirs, MRR movements and their invoice-line
+    links. Insert-only, except an invoice's status."""
 
     def __init__(self, session: Session) -> None:
         self.session = session
@@ -268,6 +278,46 @@ class LedgerRepository:
         )
         if getattr(result, "rowcount", 0) != 1:
             raise PersistenceError(f"invoice {number!r} is not in the database")
+
+    def add_credit_notes(self, notes: Sequence[CreditNote], command_id: int) -> None:
+        """Append credit notes and their lines; each line's invoice line must exist (a foreign
+        key), so a note can only reference what was invoiced."""
+        if not notes:
+            return
+        seq = self.session.scalar(select(func.max(CreditNoteRow.seq))) or 0
+        for note in notes:
+            seq += 1
+            cur = note.currency
+            self.session.add(
+                CreditNoteRow(
+                    number=note.number,
+                    seq=seq,
+                    invoice_number=note.invoice,
+                    customer=note.customer,
+                    currency=cur,
+                    issued_at=note.issued_at,
+                    reason=note.reason,
+                    subtotal=to_minor(note.subtotal, cur),
+                    tax=to_minor(note.tax, cur),
+                    total=to_minor(note.total, cur),
+                    command_id=command_id,
+                )
+            )
+        self.session.flush()
+        for note in notes:
+            for index, line in enumerate(note.lines):
+                self.session.add(
+                    CreditNoteLineRow(
+                        credit_note_number=note.number,
+                        line_index=index,
+                        invoice_number=note.invoice,
+                        invoice_line_index=line.invoice_line,
+                        kind=line.kind,
+                        description=line.description,
+                        amount=to_minor(line.amount, note.currency),
+                    )
+                )
+        self.session.flush()
 
     def add_movements(self, movements: Sequence[MrrMovement], command_id: int) -> None:
         for movement in movements:
@@ -359,6 +409,35 @@ class LedgerRepository:
         found = self.invoices(number=number)
         return found[0] if found else None
 
+    def credit_notes(
+        self,
+        *,
+        invoice: str | None = None,
+        customer: str | None = None,
+        command_id: int | None = None,
+    ) -> list[CreditNote]:
+        """Credit notes in the order issued, with their lines."""
+
+        def where(query: Select[Any]) -> Select[Any]:
+            if invoice is not None:
+                query = query.where(CreditNoteRow.invoice_number == invoice)
+            if customer is not None:
+                query = query.where(CreditNoteRow.customer == customer)
+            if command_id is not None:
+                query = query.where(CreditNoteRow.command_id == command_id)
+            return query
+
+        heads = list(self.session.scalars(where(select(CreditNoteRow)).order_by(CreditNoteRow.seq)))
+        lines: dict[str, list[CreditNoteLineRow]] = {row.number: [] for row in heads}
+        line_query = where(
+            select(CreditNoteLineRow).join(
+                CreditNoteRow, CreditNoteRow.number == CreditNoteLineRow.credit_note_number
+            )
+        ).order_by(CreditNoteLineRow.credit_note_number, CreditNoteLineRow.line_index)
+        for line in self.session.scalars(line_query):
+            lines[line.credit_note_number].append(line)
+        return [_credit_note(row, lines[row.number]) for row in heads]
+
     def movements(self, *, customer: str | None = None, command_id: int | None = None) -> list[MrrMovement]:
         """Movements in application order (ascending id), each with the invoice lines that billed
         it, ordered by (invoice number, line index)."""
@@ -396,6 +475,8 @@ class LedgerRepository:
         for name, table in (
             ("invoices", InvoiceRow),
             ("invoice_lines", InvoiceLineRow),
+            ("credit_notes", CreditNoteRow),
+            ("credit_note_lines", CreditNoteLineRow),
             ("mrr_movements", MovementRow),
             ("movement_invoice_lines", MovementLineRow),
         ):
@@ -433,6 +514,30 @@ def _invoice(row: InvoiceRow, lines: Sequence[InvoiceLineRow]) -> Invoice:
         credit_applied=from_minor(row.credit_applied, cur),
         amount_due=from_minor(row.amount_due, cur),
         credit_added=from_minor(row.credit_added, cur),
+    )
+
+
+def _credit_note(row: CreditNoteRow, lines: Sequence[CreditNoteLineRow]) -> CreditNote:
+    cur = row.currency
+    return CreditNote(
+        number=row.number,
+        invoice=row.invoice_number,
+        customer=row.customer,
+        currency=cur,
+        issued_at=row.issued_at,
+        reason=row.reason,  # constrained by a CHECK
+        lines=tuple(
+            CreditNoteLine(
+                invoice_line=line.invoice_line_index,
+                kind=line.kind,  # written from LineKind
+                description=line.description,
+                amount=from_minor(line.amount, cur),
+            )
+            for line in lines
+        ),
+        subtotal=from_minor(row.subtotal, cur),
+        tax=from_minor(row.tax, cur),
+        total=from_minor(row.total, cur),
     )
 
 

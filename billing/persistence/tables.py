@@ -3,9 +3,10 @@
 - `book_state` is a single row holding the engine's settings, catalog and state snapshot, with a
   `version` that every save checks and bumps (optimistic concurrency: a save whose version moved
   since it was loaded fails, so two concurrent commands cannot both win).
-- `invoices`, `invoice_lines`, `mrr_movements`, `movement_invoice_lines` and `commands` are the
-  insert-only ledger written in the same transaction as the snapshot. Only an invoice's `status`
-  ever changes (pay, void).
+- `invoices`, `invoice_lines`, `credit_notes`, `credit_note_lines`, `mrr_movements`,
+  `movement_invoice_lines` and `commands` are the insert-only ledger written in the same
+  transaction as the snapshot. Only an invoice's `status` ever changes (pay, void); a credit note
+  references the invoice lines it corrects and never changes them.
 - `customers` and `subscriptions` are a current view for queries, refreshed after each command.
 - Money is integer minor units of the row's currency (`billing.money.to_minor`); unit prices,
   quantities and rates are exact decimals; instants are UTC.
@@ -174,6 +175,55 @@ class InvoiceLineRow(Base):
     included: Mapped[Decimal | None]
     period_start: Mapped[datetime | None]
     period_end: Mapped[datetime | None]
+
+
+class CreditNoteRow(Base):
+    """A credit note against an invoice, in its own gap-free series (`CN-0001`, …)."""
+
+    __tablename__ = "credit_notes"
+    __table_args__ = (
+        CheckConstraint(
+            "reason IN ('duplicate', 'product_unsatisfactory', 'order_change', 'other')", name="reason"
+        ),
+    )
+
+    number: Mapped[str] = mapped_column(String(CODE), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, unique=True)  # issue order
+    invoice_number: Mapped[str] = mapped_column(String(CODE), ForeignKey("invoices.number"), index=True)
+    customer: Mapped[str] = mapped_column(String(CODE), index=True)
+    currency: Mapped[str] = mapped_column(String(3))
+    issued_at: Mapped[datetime]
+    reason: Mapped[str] = mapped_column(String(32))
+    subtotal: Mapped[int] = mapped_column(BigInteger)
+    tax: Mapped[int] = mapped_column(BigInteger)
+    total: Mapped[int] = mapped_column(BigInteger)
+    command_id: Mapped[int] = mapped_column(ForeignKey("commands.id"), index=True)
+
+
+class CreditNoteLineRow(Base):
+    """One credited invoice line; `invoice_number` repeats the note's so the reference to the
+    invoice line is a real foreign key."""
+
+    __tablename__ = "credit_note_lines"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["invoice_number", "invoice_line_index"],
+            ["invoice_lines.invoice_number", "invoice_lines.line_index"],
+            name="fk_credit_note_lines_invoice_lines",
+        ),
+        CheckConstraint("amount > 0", name="amount_positive"),
+        Index("ix_credit_note_lines_invoice_line", "invoice_number", "invoice_line_index"),
+    )
+
+    credit_note_number: Mapped[str] = mapped_column(
+        String(CODE), ForeignKey("credit_notes.number"), primary_key=True
+    )
+    line_index: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    invoice_number: Mapped[str] = mapped_column(String(CODE))
+    invoice_line_index: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16))
+    description: Mapped[str] = mapped_column(Text)
+    amount: Mapped[int] = mapped_column(BigInteger)
 
 
 class MovementRow(Base):
