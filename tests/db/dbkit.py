@@ -55,7 +55,7 @@ class FakeBook:
         self.accounts: dict[str, Any] = {}
         self.subscriptions: dict[str, Any] = {}
 
-    def apply(self, event: Event, index: int | None = None) -> Outcome:
+    def apply(self, event: Event, index: int | None = None, *, discard_on_error: bool = False) -> Outcome:
         outcome = FakeBook.script(self, event, index) if FakeBook.script is not None else Outcome()
         self.applied += 1
         return outcome

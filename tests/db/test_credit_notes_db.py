@@ -21,18 +21,11 @@ from billing.cli import cli
 from billing.persistence import UnitOfWork, upgrade
 from billing.persistence.tables import Base, CreditNoteLineRow, CreditNoteRow
 from billing.records import CreditNote, CreditNoteLine
-from billing.scenario import Event, ScenarioError, Settings
+from billing.scenario import ScenarioError, Settings
 
 TEAM = Plan(code="team", name="Team", interval="month", pricing="per_unit", prices={"USD": "50.00"})
 ANALYTICS = AddOn(code="analytics", name="Analytics", interval="month", prices={"USD": "250.00"})
 CATALOG = Catalog(plans=[TEAM], addons=[ANALYTICS])
-
-
-class ScriptedBook(FakeBook):
-    """dbkit's FakeBook, accepting whatever keyword options the services pass to `apply`."""
-
-    def apply(self, event: Event, index: int | None = None, **options: Any) -> Outcome:
-        return super().apply(event, index)
 
 
 def everything(db: Db) -> dict[str, list[tuple[Any, ...]]]:
@@ -144,8 +137,8 @@ def test_a_note_the_database_refuses_takes_the_whole_command_back(acme: Db,
     """A note on an invoice line that does not exist fails on the foreign key after the snapshot,
     the command and a first note were written: none of it stays."""
     before = everything(acme)
-    monkeypatch.setattr(service, "Book", ScriptedBook)
-    monkeypatch.setattr(ScriptedBook, "loads", staticmethod(lambda data: ScriptedBook(Settings(), CATALOG)))
+    monkeypatch.setattr(service, "Book", FakeBook)
+    monkeypatch.setattr(FakeBook, "loads", staticmethod(lambda data: FakeBook(Settings(), CATALOG)))
     good = CreditNote(number="CN-0001", invoice="INV-0001", customer="acme", currency="USD",
                       issued_at=service.get_invoice(acme.engine, "INV-0001").issued_at, reason="other",
                       lines=(CreditNoteLine(invoice_line=0, kind="plan", description="x", amount=Decimal("1.00")),),
