@@ -126,7 +126,6 @@ class Metric(Priced):
     included: Decimal = Decimal(0)
     minimum: dict[str, Decimal] = Field(default_factory=dict)
     pricing: PricingModel = "per_unit"
-    seats: bool = False
 
     @field_validator("included", mode="before")
     @classmethod
