@@ -58,6 +58,7 @@ from billing.records import (
     Invoice,
     InvoiceLine,
     InvoiceStatus,
+    Leg,
     LineKind,
     LineRef,
     MrrMovement,
@@ -85,6 +86,9 @@ from billing.scenario import (
 )
 from billing.subscription import Items, LicensedPeriod, Scheduled, Subscription, UsagePeriod
 from billing.usage import UsageRecord, aggregate, rate
+
+LegKey = tuple[str, str, str]
+"""(subscription, plan, product): the finest segment a movement's legs are recorded on."""
 
 
 class BookError(ValueError):
@@ -122,6 +126,8 @@ class Account:
     had_mrr: bool = False
     pending: list[PendingLine] = field(default_factory=list)
     coupons: list[int] = field(default_factory=list)
+    # MRR per (subscription, plan, product) as of the last movement, rounded so it sums to `mrr`
+    legs: dict[LegKey, Decimal] = field(default_factory=dict)
 
 
 @dataclass
@@ -180,6 +186,10 @@ class Book:
         state.setdefault("credit_notes", {})
         state.setdefault("next_credit_note", 1)
         self.__dict__.update(state)
+        # a snapshot saved before movements had legs: start from the MRR composition in force
+        for acct in self.accounts.values():
+            if "legs" not in acct.__dict__:
+                acct.legs = self._leg_levels(acct)[1] if acct.mrr else {}
 
     @staticmethod
     def loads(data: bytes) -> Book:
@@ -811,19 +821,61 @@ class Book:
                      for s in acct.subscriptions), Fraction(0))
         return round_money(exact, acct.currency, self.settings.rounding)
 
+    def _leg_levels(self, acct: Account) -> tuple[Decimal, dict[LegKey, Decimal]]:
+        """The customer's rounded MRR and its split per (subscription, plan, product): each part
+        rounded on its own, the residue that makes the parts sum to the rounded total given to
+        the largest part (the first of equals, in subscription order)."""
+        mode = self.settings.rounding
+        exact: dict[LegKey, Fraction] = {}
+        for sub_id in acct.subscriptions:
+            sub = self.subscriptions[sub_id]
+            amount = self._subscription_mrr(sub, acct.currency)
+            if amount:
+                plan = self.catalog.plan(sub.items.plan)
+                exact[(sub.id, plan.code, plan.product)] = amount
+        total = round_money(sum(exact.values(), Fraction(0)), acct.currency, mode)
+        levels = {key: round_money(amount, acct.currency, mode) for key, amount in exact.items()}
+        residue = total - sum(levels.values(), Decimal(0))
+        if residue and levels:
+            largest = max(exact, key=lambda k: abs(exact[k]))
+            levels[largest] += residue
+        return total, {key: value for key, value in levels.items() if value}
+
+    def _legs(self, before: dict[LegKey, Decimal], after: dict[LegKey, Decimal], reporting: Decimal,
+              rate: Fraction) -> tuple[Leg, ...]:
+        """A movement's legs: the change per (subscription, plan, product) from `before` to
+        `after` (old parts first), each converted on its own, the reporting residue on the
+        largest leg so the legs sum to the movement's reporting delta."""
+        rep = self.settings.reporting_currency
+        mode = self.settings.rounding
+        changes = [(key, after.get(key, Decimal(0)) - before.get(key, Decimal(0)))
+                   for key in [*before, *(k for k in after if k not in before)]]
+        changes = [(key, change) for key, change in changes if change]
+        converted = [round_money(Fraction(change) * rate, rep, mode) for _, change in changes]
+        residue = reporting - sum(converted, Decimal(0))
+        if residue and changes:
+            largest = max(range(len(changes)), key=lambda i: abs(changes[i][1]))
+            converted[largest] += residue
+        return tuple(Leg(subscription=key[0], plan=key[1], product=key[2], delta=change, reporting_delta=conv)
+                     for (key, change), conv in zip(changes, converted, strict=True))
+
     def _emit(self, acct: Account, at: datetime, cause: str, sub: Subscription | None, tags: list[Tag]) -> None:
-        """Emit one movement when the customer's rounded MRR changed (SCENARIOS.md, movements)."""
+        """Emit one movement when the customer's rounded MRR changed (SCENARIOS.md, movements),
+        with its legs: how the change splits over the customer's (subscription, plan, product)
+        parts since the previous movement."""
         before = acct.mrr
-        after = self.customer_mrr(acct.id)
+        after, levels = self._leg_levels(acct)
         if after == before:
             return
         delta = after - before
         rep = self.settings.reporting_currency
-        reporting = round_money(Fraction(delta) * self.fx_rate(acct.currency, at), rep, self.settings.rounding)
+        rate = self.fx_rate(acct.currency, at)
+        reporting = round_money(Fraction(delta) * rate, rep, self.settings.rounding)
+        legs = self._legs(acct.legs, levels, reporting, rate)
         common = dict(id=self.next_movement, at=at, customer=acct.id,
                       subscription=sub.id if sub is not None else None, currency=acct.currency,
                       mrr_before=before, mrr_after=after, delta=delta, reporting_currency=rep,
-                      reporting_delta=reporting, cause=cause, event_index=self._index)
+                      reporting_delta=reporting, cause=cause, event_index=self._index, legs=legs)
         movement: MrrMovement
         if before == 0:
             movement = Reactivation(**common) if acct.had_mrr else New(**common)
@@ -835,6 +887,7 @@ class Book:
             movement = Contraction(subtype=_CONTRACTION_SUBTYPE.get(cause, "cancel"), **common)
         self.next_movement += 1
         acct.mrr = after
+        acct.legs = levels
         if after > 0:
             acct.had_mrr = True
         self._out.movements.append(movement)
@@ -993,6 +1046,13 @@ class Book:
 
     def current_mrr(self) -> dict[str, Decimal]:
         return {c: a.mrr for c, a in self.accounts.items()}
+
+    def allocate_movement_id(self) -> int:
+        """The next movement id, for a ledger entry written outside `apply` (a reversal), so
+        ids stay unique and ascending in the order entries are written."""
+        movement_id = self.next_movement
+        self.next_movement += 1
+        return movement_id
 
 
 _EXPANSION_SUBTYPE: dict[str, str] = {

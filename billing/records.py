@@ -6,6 +6,14 @@ unit. MRR movements are a pydantic discriminated union on `type`
 (`New | Expansion | Contraction | Churn | Reactivation`); consumers `match` on them. A credit note
 is its own document (`CN-0001`, …) that references the invoice lines it corrects; the invoice
 itself never changes.
+
+Each movement carries its **legs**: the change of the customer's MRR per (subscription, plan,
+product), in the customer's currency and in the reporting currency. Legs sum exactly to the
+movement's `delta` and `reporting_delta` (the rounding residue goes to the largest leg), so an
+upgrade A($100) -> B($150) has legs A -100 and B +150 and plan segments see MRR leave A and
+enter B. A movement's `entry` is `movement`, or `reversal` for a correcting entry that negates
+the movement it `reverses` (the ledger is insert-only). Neither legs nor entry kind are part of
+the replay output (`movement_json`).
 """
 
 from __future__ import annotations
@@ -95,6 +103,19 @@ class LineRef(Record):
     line: int
 
 
+class Leg(Record):
+    """One movement's change of MRR on one (subscription, plan, product)."""
+
+    subscription: str | None
+    plan: str | None
+    product: str | None
+    delta: Decimal  # customer currency
+    reporting_delta: Decimal
+
+
+EntryKind = Literal["movement", "reversal"]
+
+
 class MovementBase(Record):
     id: int
     at: datetime
@@ -109,6 +130,9 @@ class MovementBase(Record):
     cause: str  # the command or transition that moved MRR, e.g. "change_quantity" or "trial_end"
     event_index: int | None  # the scenario event (or command) that caused it; None for a transition
     invoice_lines: tuple[LineRef, ...] = ()
+    legs: tuple[Leg, ...] = ()
+    entry: EntryKind = "movement"
+    reverses: int | None = None  # the movement a reversal negates
 
 
 class New(MovementBase):
