@@ -44,6 +44,18 @@ def to_utc(value: datetime) -> datetime:
     return value.astimezone(UTC)
 
 
+def month_index(instant: datetime) -> int:
+    """The UTC calendar month of an instant as one integer, `year * 12 + month - 1`; quarters and
+    years are `month_index // 3` and `month_index // 12` (the metric periods are UTC months)."""
+    utc = to_utc(instant)
+    return utc.year * 12 + utc.month - 1
+
+
+def month_start(index: int) -> datetime:
+    """Midnight UTC of the first day of month `index` (the inverse of `month_index`)."""
+    return datetime(index // 12, index % 12 + 1, 1, tzinfo=UTC)
+
+
 def local_wall(instant: datetime, tz: str) -> datetime:
     """The naive local wall-clock time of an instant in `tz`."""
     return instant.astimezone(ZoneInfo(tz)).replace(tzinfo=None)

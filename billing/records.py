@@ -163,6 +163,25 @@ class Reactivation(MovementBase):
 MrrMovement = Annotated[New | Expansion | Contraction | Churn | Reactivation, Field(discriminator="type")]
 
 
+def reversing_entry(movement: MrrMovement, entry_id: int) -> MrrMovement:
+    """The entry that corrects `movement`: same type, subtype, customer and instant, negated
+    deltas and legs, MRR before and after swapped, no invoice lines; `reverses` the original."""
+    return movement.model_copy(update={
+        "id": entry_id,
+        "mrr_before": movement.mrr_after,
+        "mrr_after": movement.mrr_before,
+        "delta": -movement.delta,
+        "reporting_delta": -movement.reporting_delta,
+        "cause": "reversal",
+        "event_index": None,
+        "invoice_lines": (),
+        "legs": tuple(leg.model_copy(update={"delta": -leg.delta, "reporting_delta": -leg.reporting_delta})
+                      for leg in movement.legs),
+        "entry": "reversal",
+        "reverses": movement.id,
+    })
+
+
 def _num(value: Decimal | None) -> int | str | None:
     if value is None:
         return None

@@ -49,7 +49,7 @@ from billing.persistence import (
     upgrade,
     utc_now,
 )
-from billing.records import CreditNote, Invoice, InvoiceStatus, MrrMovement
+from billing.records import CreditNote, Invoice, InvoiceStatus, MrrMovement, reversing_entry
 from billing.replay import ReplayResult, metrics_for
 from billing.scenario import (
     EVENT_ADAPTER,
@@ -110,6 +110,7 @@ __all__ = [
     "record_usage",
     "remove_addon",
     "replay",
+    "reverse_movement",
     "run_invoices",
     "subscribe",
     "void",
@@ -283,7 +284,7 @@ def execute(
         for number, status in outcome.status_changes:
             uow.ledger.set_status(number, status)
         uow.ledger.add_credit_notes(outcome.credit_notes, command_id)
-        uow.ledger.add_movements(outcome.movements, command_id)
+        uow.ledger.add_movements(outcome.movements, command_id, command_key=idempotency_key)
         own_links = [(m.id, ref) for m in outcome.movements for ref in m.invoice_lines]
         uow.ledger.add_links([*own_links, *outcome.links], command_id)
         _refresh_view(uow, before, _view_of(book), at=ev.at, now=now)
@@ -586,6 +587,64 @@ def issue_credit_note(
     outcome = execute(engine, event, actor=actor, idempotency_key=idempotency_key, clock=clock).outcome
     [note] = outcome.credit_notes
     return note
+
+
+# --- ledger corrections -----------------------------------------------------------------------
+
+
+def reverse_movement(
+    engine: Engine,
+    movement_id: int,
+    *,
+    actor: str,
+    reason: str,
+    idempotency_key: str | None = None,
+    clock: Clock = utc_now,
+) -> MrrMovement:
+    """Correct the expansion ledger: append a reversing entry for movement `movement_id` and
+    return it.
+
+    The ledger is insert-only (the database refuses UPDATE and DELETE), so a wrong entry is never
+    edited: its reversal has the same type and subtype, negated deltas and legs, `mrr_before` and
+    `mrr_after` swapped, the same `at` (so the pair nets to zero in the period it belongs to) and
+    `reverses` = the original's id. An entry is reversed at most once and a reversal is never
+    reversed. The book's own state is not changed: this corrects what the ledger reports. The
+    command (with `reason` and `actor`) is recorded like any other; a retried call with the same
+    `idempotency_key` returns the first reversal.
+    """
+    if not reason.strip():
+        raise ScenarioError("reason: say why the movement is reversed")
+    payload = {"type": "reverse_movement", "movement": movement_id, "reason": reason}
+    with UnitOfWork(engine, clock=clock) as uow:
+        if idempotency_key is not None:
+            previous = uow.commands.by_key(idempotency_key)
+            if previous is not None:
+                if previous.payload != payload:
+                    raise ServiceError(
+                        f"idempotency key {idempotency_key!r} was already used for a different "
+                        f"{previous.type} command (#{previous.id})"
+                    )
+                [entry] = uow.ledger.movements(command_id=previous.id)
+                return entry
+        stored = _require_book(uow)
+        original = uow.ledger.movement_row(movement_id)
+        if original is None:
+            raise NotFound(f"movement {movement_id} not found")
+        if original.entry == "reversal":
+            raise ServiceError(f"movement {movement_id} is a reversal of movement {original.reverses}; "
+                               "reversals are not reversed")
+        existing = uow.ledger.reversal_of(movement_id)
+        if existing is not None:
+            raise ServiceError(f"movement {movement_id} is already reversed by movement {existing}")
+        book = Book.loads(stored.snapshot)
+        entry = reversing_entry(original, book.allocate_movement_id())
+        now = uow.now()
+        uow.book.save(book.dumps(), expected_version=stored.version, now=now)
+        command_id = uow.commands.add(recorded_at=now, at=original.at, type="reverse_movement", payload=payload,
+                                      actor=actor, idempotency_key=idempotency_key, event_index=None)
+        uow.ledger.add_movements([entry], command_id, command_key=idempotency_key)
+        uow.commit()
+    return entry
 
 
 # --- reads ------------------------------------------------------------------------------------

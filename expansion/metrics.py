@@ -15,6 +15,10 @@ A = customers whose MRR is positive when P starts (MRR before any movement dated
 - arpa = ending_mrr ÷ customers with MRR > 0 at P's end.
 - quick_ratio = (new + expansion + reactivation) ÷ (contraction + churn).
 Rates are percentages with two decimals; a rate whose denominator is 0 is null.
+
+A reversed entry and its reversal (`entry == "reversal"`, dated at the entry it negates) net to
+zero: both are left out before anything is computed, and each customer's MRR is the running sum
+of its remaining deltas (equal to `mrr_after` in a ledger without corrections).
 """
 
 from __future__ import annotations
@@ -63,8 +67,14 @@ def calendar_periods(kind: PeriodKind, first: datetime, last: datetime) -> list[
     return out
 
 
+def effective(movements: Sequence[MrrMovement]) -> list[MrrMovement]:
+    """The movements that count: without reversals and the entries they reverse."""
+    reversed_ids = {m.reverses for m in movements if m.entry == "reversal"}
+    return [m for m in movements if m.entry != "reversal" and m.id not in reversed_ids]
+
+
 class MrrHistory:
-    """Each customer's MRR over time, rebuilt from its movements' `mrr_after`."""
+    """Each customer's MRR over time: the running sum of its movements' deltas."""
 
     def __init__(self, movements: Sequence[MrrMovement]) -> None:
         self.currency: dict[str, str] = {}
@@ -73,7 +83,8 @@ class MrrHistory:
         for m in movements:
             self.currency[m.customer] = m.currency
             self._times.setdefault(m.customer, []).append(m.at)
-            self._values.setdefault(m.customer, []).append(m.mrr_after)
+            values = self._values.setdefault(m.customer, [])
+            values.append((values[-1] if values else Decimal(0)) + m.delta)
 
     @property
     def customers(self) -> list[str]:
@@ -94,6 +105,7 @@ def compute_metrics(
     fx_rate: Callable[[str, datetime], Fraction] | None = None,
 ) -> dict[str, list[dict[str, object]]]:
     """The `metrics` object of the replay output: month, quarter and year lists."""
+    movements = effective(movements)
     if fx_rate is None:
         def fx_rate(currency: str, at: datetime) -> Fraction:
             return rate_at(settings, currency, at)

@@ -14,19 +14,22 @@ from decimal import Decimal
 from typing import Any
 
 from pydantic import TypeAdapter
-from sqlalchemy import Select, func, select, update
+from sqlalchemy import Select, and_, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from billing.catalog import Catalog
 from billing.money import from_minor, to_minor
+from billing.periods import month_index
 from billing.persistence.tables import (
     BookStateRow,
     CommandRow,
     CreditNoteLineRow,
     CreditNoteRow,
+    CustomerMonthRow,
     CustomerRow,
     InvoiceLineRow,
     InvoiceRow,
+    MovementLegRow,
     MovementLineRow,
     MovementRow,
     SubscriptionRow,
@@ -37,6 +40,7 @@ from billing.records import (
     Invoice,
     InvoiceLine,
     InvoiceStatus,
+    Leg,
     LineRef,
     MrrMovement,
 )
@@ -319,29 +323,138 @@ class LedgerRepository:
                 )
         self.session.flush()
 
-    def add_movements(self, movements: Sequence[MrrMovement], command_id: int) -> None:
-        for movement in movements:
+    def add_movements(
+        self, movements: Sequence[MrrMovement], command_id: int, *, command_key: str | None = None
+    ) -> None:
+        """Append ledger entries with their legs, and bring the monthly MRR snapshots up to date.
+
+        Each entry's idempotency key is the command's key (or `command:<id>`) and its position in
+        the command, unique in the table: the same command can never be counted twice."""
+        if not movements:
+            return
+        base = command_key if command_key is not None else f"command:{command_id}"
+        rows: list[dict[str, Any]] = []
+        legs: list[dict[str, Any]] = []
+        for position, movement in enumerate(movements):
             cur = movement.currency
-            self.session.add(
-                MovementRow(
-                    id=movement.id,
-                    at=movement.at,
-                    customer=movement.customer,
-                    subscription=movement.subscription,
-                    type=movement.type,
-                    subtype=movement.subtype,
-                    currency=cur,
-                    mrr_before=to_minor(movement.mrr_before, cur),
-                    mrr_after=to_minor(movement.mrr_after, cur),
-                    delta=to_minor(movement.delta, cur),
-                    reporting_currency=movement.reporting_currency,
-                    reporting_delta=to_minor(movement.reporting_delta, movement.reporting_currency),
-                    cause=movement.cause,
-                    event_index=movement.event_index,
-                    command_id=command_id,
-                )
+            rep = movement.reporting_currency
+            rows.append({
+                "id": movement.id,
+                "at": movement.at,
+                "customer": movement.customer,
+                "subscription": movement.subscription,
+                "type": movement.type,
+                "subtype": movement.subtype,
+                "currency": cur,
+                "mrr_before": to_minor(movement.mrr_before, cur),
+                "mrr_after": to_minor(movement.mrr_after, cur),
+                "delta": to_minor(movement.delta, cur),
+                "reporting_currency": rep,
+                "reporting_delta": to_minor(movement.reporting_delta, rep),
+                "cause": movement.cause,
+                "event_index": movement.event_index,
+                "command_id": command_id,
+                "idempotency_key": f"{base}#{position}",
+                "entry": movement.entry,
+                "reverses": movement.reverses,
+                "month": month_index(movement.at),
+            })
+            legs.extend(
+                {
+                    "movement_id": movement.id,
+                    "position": index,
+                    "subscription": leg.subscription,
+                    "plan": leg.plan,
+                    "product": leg.product,
+                    "delta": to_minor(leg.delta, cur),
+                    "reporting_delta": to_minor(leg.reporting_delta, rep),
+                }
+                for index, leg in enumerate(movement.legs)
             )
-        self.session.flush()
+        self.session.execute(insert(MovementRow), rows)
+        if legs:
+            self.session.execute(insert(MovementLegRow), legs)
+        self._record_months(rows)
+
+    def _record_months(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Apply entries to `customer_mrr_months`: a month's row gets the delta on its end, and
+        every later row of the customer on both its start and end (only a reversal, dated at the
+        entry it negates, can land before a customer's latest month)."""
+        by_customer: dict[str, list[dict[str, Any]]] = {}
+        for row in rows:
+            by_customer.setdefault(row["customer"], []).append(row)
+        latest: dict[str, tuple[int, int, int]] = {}
+        names = sorted(by_customer)
+        for start in range(0, len(names), 500):
+            chunk = names[start : start + 500]
+            newest = (
+                select(CustomerMonthRow.customer, func.max(CustomerMonthRow.month).label("month"))
+                .where(CustomerMonthRow.customer.in_(chunk))
+                .group_by(CustomerMonthRow.customer)
+                .subquery()
+            )
+            same = and_(newest.c.customer == CustomerMonthRow.customer, newest.c.month == CustomerMonthRow.month)
+            query = select(
+                CustomerMonthRow.customer, CustomerMonthRow.month, CustomerMonthRow.mrr_start, CustomerMonthRow.mrr_end
+            ).join(newest, same)
+            for customer, month, mrr_start, mrr_end in self.session.execute(query):
+                latest[customer] = (month, mrr_start, mrr_end)
+        inserts: list[dict[str, Any]] = []
+        updates: list[dict[str, Any]] = []
+        for customer, entries in by_customer.items():
+            current = latest.get(customer)
+            if current is not None and any(e["month"] < current[0] for e in entries):
+                for entry in entries:
+                    self._backdate_month(customer, entry["month"], entry["currency"], entry["delta"])
+                continue
+            open_row: dict[str, Any] | None = None
+            if current is not None:
+                open_row = {"customer": customer, "month": current[0], "mrr_start": current[1], "mrr_end": current[2]}
+                updates.append(open_row)
+            for entry in entries:
+                if open_row is None or entry["month"] != open_row["month"]:
+                    level = open_row["mrr_end"] if open_row is not None else 0
+                    open_row = {"customer": customer, "month": entry["month"], "currency": entry["currency"],
+                                "mrr_start": level, "mrr_end": level}
+                    inserts.append(open_row)
+                open_row["mrr_end"] += entry["delta"]
+        if inserts:
+            self.session.execute(insert(CustomerMonthRow), inserts)
+        for row in updates:
+            if row["mrr_end"] == latest[row["customer"]][2]:
+                continue
+            self.session.execute(
+                update(CustomerMonthRow)
+                .where(CustomerMonthRow.customer == row["customer"], CustomerMonthRow.month == row["month"])
+                .values(mrr_end=row["mrr_end"])
+                .execution_options(synchronize_session=False)
+            )
+
+    def _backdate_month(self, customer: str, month: int, currency: str, delta: int) -> None:
+        exists_ = self.session.scalar(
+            select(func.count()).where(CustomerMonthRow.customer == customer, CustomerMonthRow.month == month)
+        )
+        if not exists_:
+            level = self.session.scalar(
+                select(CustomerMonthRow.mrr_end)
+                .where(CustomerMonthRow.customer == customer, CustomerMonthRow.month < month)
+                .order_by(CustomerMonthRow.month.desc())
+                .limit(1)
+            ) or 0
+            self.session.execute(insert(CustomerMonthRow), [{
+                "customer": customer, "month": month, "currency": currency, "mrr_start": level, "mrr_end": level}])
+        self.session.execute(
+            update(CustomerMonthRow)
+            .where(CustomerMonthRow.customer == customer, CustomerMonthRow.month >= month)
+            .values(mrr_end=CustomerMonthRow.mrr_end + delta)
+            .execution_options(synchronize_session=False)
+        )
+        self.session.execute(
+            update(CustomerMonthRow)
+            .where(CustomerMonthRow.customer == customer, CustomerMonthRow.month > month)
+            .values(mrr_start=CustomerMonthRow.mrr_start + delta)
+            .execution_options(synchronize_session=False)
+        )
 
     def add_links(self, links: Iterable[tuple[int, LineRef]], command_id: int) -> int:
         """Link movements to invoice lines; a link already stored is skipped. Returns how many
@@ -456,7 +569,43 @@ class LedgerRepository:
         ).order_by(MovementLineRow.movement_id, MovementLineRow.invoice_number, MovementLineRow.line_index)
         for link in self.session.scalars(link_query):
             refs[link.movement_id].append(LineRef(invoice=link.invoice_number, line=link.line_index))
-        return [_movement(row, refs[row.id]) for row in rows]
+        legs = self.legs_of(where)
+        return [_movement(row, refs[row.id], legs.get(row.id, ())) for row in rows]
+
+    def legs_of(self, where: Any = None) -> dict[int, list[Leg]]:
+        """The legs of the movements a `where` filter on MovementRow selects (all without one),
+        by movement id, in position order."""
+        query = select(MovementLegRow, MovementRow.currency, MovementRow.reporting_currency).join(
+            MovementRow, MovementRow.id == MovementLegRow.movement_id
+        )
+        if where is not None:
+            query = where(query)
+        out: dict[int, list[Leg]] = {}
+        for leg, cur, rep in self.session.execute(
+            query.order_by(MovementLegRow.movement_id, MovementLegRow.position)
+        ):
+            out.setdefault(leg.movement_id, []).append(
+                Leg(
+                    subscription=leg.subscription,
+                    plan=leg.plan,
+                    product=leg.product,
+                    delta=from_minor(leg.delta, cur),
+                    reporting_delta=from_minor(leg.reporting_delta, rep),
+                )
+            )
+        return out
+
+    def movement_row(self, movement_id: int) -> MrrMovement | None:
+        """One ledger entry with its legs (not its invoice-line links)."""
+        row = self.session.get(MovementRow, movement_id)
+        if row is None:
+            return None
+        legs = self.legs_of(lambda q: q.where(MovementRow.id == movement_id))
+        return _movement(row, (), legs.get(movement_id, ()))
+
+    def reversal_of(self, movement_id: int) -> int | None:
+        """The id of the entry that reverses `movement_id`, if any."""
+        return self.session.scalar(select(MovementRow.id).where(MovementRow.reverses == movement_id))
 
     def links_of_command(self, command_id: int) -> list[tuple[int, LineRef]]:
         query = (
@@ -478,6 +627,7 @@ class LedgerRepository:
             ("credit_notes", CreditNoteRow),
             ("credit_note_lines", CreditNoteLineRow),
             ("mrr_movements", MovementRow),
+            ("mrr_movement_legs", MovementLegRow),
             ("movement_invoice_lines", MovementLineRow),
         ):
             out[name] = self.session.scalar(select(func.count()).select_from(table)) or 0
@@ -541,7 +691,7 @@ def _credit_note(row: CreditNoteRow, lines: Sequence[CreditNoteLineRow]) -> Cred
     )
 
 
-def _movement(row: MovementRow, refs: Sequence[LineRef]) -> MrrMovement:
+def _movement(row: MovementRow, refs: Sequence[LineRef], legs: Sequence[Leg] = ()) -> MrrMovement:
     cur = row.currency
     return MOVEMENT_ADAPTER.validate_python(
         {
@@ -560,6 +710,9 @@ def _movement(row: MovementRow, refs: Sequence[LineRef]) -> MrrMovement:
             "cause": row.cause,
             "event_index": row.event_index,
             "invoice_lines": tuple(refs),
+            "legs": tuple(legs),
+            "entry": row.entry,
+            "reverses": row.reverses,
         }
     )
 

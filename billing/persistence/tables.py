@@ -4,9 +4,14 @@
   `version` that every save checks and bumps (optimistic concurrency: a save whose version moved
   since it was loaded fails, so two concurrent commands cannot both win).
 - `invoices`, `invoice_lines`, `credit_notes`, `credit_note_lines`, `mrr_movements`,
-  `movement_invoice_lines` and `commands` are the insert-only ledger written in the same
-  transaction as the snapshot. Only an invoice's `status` ever changes (pay, void); a credit note
-  references the invoice lines it corrects and never changes them.
+  `mrr_movement_legs`, `movement_invoice_lines` and `commands` are the insert-only ledger written
+  in the same transaction as the snapshot. Only an invoice's `status` ever changes (pay, void); a
+  credit note references the invoice lines it corrects and never changes them. The expansion
+  ledger (`mrr_movements`, `mrr_movement_legs`, `movement_invoice_lines`) is insert-only by the
+  database itself: triggers refuse UPDATE and DELETE (migration 0003). A correction is a new
+  `reversal` entry that references the entry it negates; every entry has a unique idempotency key.
+- `customer_mrr_months` holds each customer's MRR at the start and end of every month it moved,
+  maintained in the same transaction as the movements; the SQL metric set reads levels from it.
 - `customers` and `subscriptions` are a current view for queries, refreshed after each command.
 - Money is integer minor units of the row's currency (`billing.money.to_minor`); unit prices,
   quantities and rates are exact decimals; instants are UTC.
@@ -227,12 +232,20 @@ class CreditNoteLineRow(Base):
 
 
 class MovementRow(Base):
+    """One expansion-ledger entry. `entry` is `movement`, or `reversal` for a correcting entry
+    that negates the movement it `reverses` (same type and subtype, opposite deltas, same `at`)."""
+
     __tablename__ = "mrr_movements"
     __table_args__ = (
         CheckConstraint(
             "type IN ('new', 'expansion', 'contraction', 'churn', 'reactivation')", name="type"
         ),
+        CheckConstraint("entry IN ('movement', 'reversal')", name="entry"),
+        CheckConstraint("(entry = 'reversal') = (reverses IS NOT NULL)", name="reversal_reference"),
         Index("ix_mrr_movements_customer_at", "customer", "at"),
+        Index("ix_mrr_movements_idempotency_key", "idempotency_key", unique=True),
+        Index("ix_mrr_movements_reverses", "reverses", unique=True),
+        Index("ix_mrr_movements_month", "month"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
@@ -250,6 +263,41 @@ class MovementRow(Base):
     cause: Mapped[str] = mapped_column(String(64))
     event_index: Mapped[int | None] = mapped_column(Integer)
     command_id: Mapped[int] = mapped_column(ForeignKey("commands.id"), index=True)
+    idempotency_key: Mapped[str] = mapped_column(String(250))  # the command's key or id, and the position
+    entry: Mapped[str] = mapped_column(String(16))
+    reverses: Mapped[int | None] = mapped_column(ForeignKey("mrr_movements.id"))
+    month: Mapped[int] = mapped_column(Integer)  # UTC calendar month of `at`: year * 12 + month - 1
+
+
+class MovementLegRow(Base):
+    """A movement's change of MRR on one (subscription, plan, product); a movement's legs sum to
+    its delta and its reporting delta."""
+
+    __tablename__ = "mrr_movement_legs"
+
+    movement_id: Mapped[int] = mapped_column(ForeignKey("mrr_movements.id"), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    subscription: Mapped[str | None] = mapped_column(String(CODE))
+    plan: Mapped[str | None] = mapped_column(String(CODE))
+    product: Mapped[str | None] = mapped_column(String(CODE))
+    delta: Mapped[int] = mapped_column(BigInteger)
+    reporting_delta: Mapped[int] = mapped_column(BigInteger)
+
+
+class CustomerMonthRow(Base):
+    """A customer's MRR (minor units of its currency) at the start and at the end of a month in
+    which it moved; a month without a row keeps the previous row's end. Rows chain: a row's
+    `mrr_start` is the previous row's `mrr_end`. Maintained with the movements (a reversal
+    adjusts its month and every later one), so it is a snapshot, not part of the ledger."""
+
+    __tablename__ = "customer_mrr_months"
+    __table_args__ = (Index("ix_customer_mrr_months_month", "month"),)
+
+    customer: Mapped[str] = mapped_column(String(CODE), primary_key=True)
+    month: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    currency: Mapped[str] = mapped_column(String(3))
+    mrr_start: Mapped[int] = mapped_column(BigInteger)
+    mrr_end: Mapped[int] = mapped_column(BigInteger)
 
 
 class MovementLineRow(Base):

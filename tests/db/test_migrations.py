@@ -19,10 +19,12 @@ TABLES = {
     "commands",
     "credit_note_lines",
     "credit_notes",
+    "customer_mrr_months",
     "customers",
     "invoice_lines",
     "invoices",
     "movement_invoice_lines",
+    "mrr_movement_legs",
     "mrr_movements",
     "subscriptions",
 }
@@ -32,7 +34,7 @@ def test_upgrade_creates_every_table(empty_db: Db) -> None:
     assert current_revision(empty_db.engine) is None
     upgrade(empty_db.engine)
     assert set(inspect(empty_db.engine).get_table_names()) == TABLES
-    assert current_revision(empty_db.engine) == head_revision() == "0002"
+    assert current_revision(empty_db.engine) == head_revision() == "0003"
 
 
 def test_migrated_schema_matches_the_models(db: Db) -> None:
@@ -62,5 +64,5 @@ def test_upgrade_is_idempotent_and_downgrade_reverses_it(db: Db) -> None:
 
 
 def test_init_database_from_a_url(empty_db: Db) -> None:
-    assert service.init_database(empty_db.url) == "0002"
+    assert service.init_database(empty_db.url) == "0003"
     service.check_schema(empty_db.engine)
