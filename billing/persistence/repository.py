@@ -377,14 +377,17 @@ class LedgerRepository:
         self._record_months(rows)
 
     def _record_months(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Apply entries to `customer_mrr_months`: a month's row gets the delta on its end, and
-        every later row of the customer on both its start and end (only a reversal, dated at the
-        entry it negates, can land before a customer's latest month)."""
+        """Apply entries to `customer_mrr_months`: a month's row gets the delta on its end (and
+        its expansion count and lost amount), every later row of the customer the delta on both
+        its start and end. Only a reversal, dated at the entry it negates, lands before a
+        customer's latest month."""
         by_customer: dict[str, list[dict[str, Any]]] = {}
         for row in rows:
             by_customer.setdefault(row["customer"], []).append(row)
-        latest: dict[str, tuple[int, int, int]] = {}
+        latest: dict[str, dict[str, Any]] = {}
         names = sorted(by_customer)
+        month_cols = (CustomerMonthRow.customer, CustomerMonthRow.month, CustomerMonthRow.mrr_start,
+                      CustomerMonthRow.mrr_end, CustomerMonthRow.expansions, CustomerMonthRow.lost)
         for start in range(0, len(names), 500):
             chunk = names[start : start + 500]
             newest = (
@@ -394,43 +397,45 @@ class LedgerRepository:
                 .subquery()
             )
             same = and_(newest.c.customer == CustomerMonthRow.customer, newest.c.month == CustomerMonthRow.month)
-            query = select(
-                CustomerMonthRow.customer, CustomerMonthRow.month, CustomerMonthRow.mrr_start, CustomerMonthRow.mrr_end
-            ).join(newest, same)
-            for customer, month, mrr_start, mrr_end in self.session.execute(query):
-                latest[customer] = (month, mrr_start, mrr_end)
+            for found in self.session.execute(select(*month_cols).join(newest, same)):
+                latest[found.customer] = dict(found._mapping)
         inserts: list[dict[str, Any]] = []
         updates: list[dict[str, Any]] = []
         for customer, entries in by_customer.items():
             current = latest.get(customer)
-            if current is not None and any(e["month"] < current[0] for e in entries):
+            if current is not None and any(e["month"] < current["month"] for e in entries):
                 for entry in entries:
-                    self._backdate_month(customer, entry["month"], entry["currency"], entry["delta"])
+                    self._backdate_month(entry)
                 continue
             open_row: dict[str, Any] | None = None
             if current is not None:
-                open_row = {"customer": customer, "month": current[0], "mrr_start": current[1], "mrr_end": current[2]}
+                open_row = dict(current)
                 updates.append(open_row)
             for entry in entries:
                 if open_row is None or entry["month"] != open_row["month"]:
                     level = open_row["mrr_end"] if open_row is not None else 0
                     open_row = {"customer": customer, "month": entry["month"], "currency": entry["currency"],
-                                "mrr_start": level, "mrr_end": level}
+                                "mrr_start": level, "mrr_end": level, "expansions": 0, "lost": 0}
                     inserts.append(open_row)
-                open_row["mrr_end"] += entry["delta"]
+                delta, expansions, lost = _month_effect(entry)
+                open_row["mrr_end"] += delta
+                open_row["expansions"] += expansions
+                open_row["lost"] += lost
         if inserts:
             self.session.execute(insert(CustomerMonthRow), inserts)
         for row in updates:
-            if row["mrr_end"] == latest[row["customer"]][2]:
+            if all(row[k] == latest[row["customer"]][k] for k in ("mrr_end", "expansions", "lost")):
                 continue
             self.session.execute(
                 update(CustomerMonthRow)
                 .where(CustomerMonthRow.customer == row["customer"], CustomerMonthRow.month == row["month"])
-                .values(mrr_end=row["mrr_end"])
+                .values(mrr_end=row["mrr_end"], expansions=row["expansions"], lost=row["lost"])
                 .execution_options(synchronize_session=False)
             )
 
-    def _backdate_month(self, customer: str, month: int, currency: str, delta: int) -> None:
+    def _backdate_month(self, entry: dict[str, Any]) -> None:
+        customer, month = entry["customer"], entry["month"]
+        delta, expansions, lost = _month_effect(entry)
         exists_ = self.session.scalar(
             select(func.count()).where(CustomerMonthRow.customer == customer, CustomerMonthRow.month == month)
         )
@@ -442,17 +447,19 @@ class LedgerRepository:
                 .limit(1)
             ) or 0
             self.session.execute(insert(CustomerMonthRow), [{
-                "customer": customer, "month": month, "currency": currency, "mrr_start": level, "mrr_end": level}])
+                "customer": customer, "month": month, "currency": entry["currency"], "mrr_start": level,
+                "mrr_end": level, "expansions": 0, "lost": 0}])
         self.session.execute(
             update(CustomerMonthRow)
-            .where(CustomerMonthRow.customer == customer, CustomerMonthRow.month >= month)
-            .values(mrr_end=CustomerMonthRow.mrr_end + delta)
+            .where(CustomerMonthRow.customer == customer, CustomerMonthRow.month == month)
+            .values(mrr_end=CustomerMonthRow.mrr_end + delta, expansions=CustomerMonthRow.expansions + expansions,
+                    lost=CustomerMonthRow.lost + lost)
             .execution_options(synchronize_session=False)
         )
         self.session.execute(
             update(CustomerMonthRow)
             .where(CustomerMonthRow.customer == customer, CustomerMonthRow.month > month)
-            .values(mrr_start=CustomerMonthRow.mrr_start + delta)
+            .values(mrr_start=CustomerMonthRow.mrr_start + delta, mrr_end=CustomerMonthRow.mrr_end + delta)
             .execution_options(synchronize_session=False)
         )
 
@@ -632,6 +639,16 @@ class LedgerRepository:
         ):
             out[name] = self.session.scalar(select(func.count()).select_from(table)) or 0
         return out
+
+
+def _month_effect(entry: dict[str, Any]) -> tuple[int, int, int]:
+    """What one ledger entry does to its customer's month: the MRR delta, the count of
+    expansion entries (a reversal takes one back) and the amount lost to contraction and churn
+    (reporting currency, positive; a reversal gives it back)."""
+    sign = -1 if entry["entry"] == "reversal" else 1
+    expansions = sign if entry["type"] == "expansion" else 0
+    lost = -entry["reporting_delta"] if entry["type"] in ("contraction", "churn") else 0
+    return entry["delta"], expansions, lost
 
 
 def _invoice(row: InvoiceRow, lines: Sequence[InvoiceLineRow]) -> Invoice:

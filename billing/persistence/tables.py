@@ -287,8 +287,10 @@ class MovementLegRow(Base):
 class CustomerMonthRow(Base):
     """A customer's MRR (minor units of its currency) at the start and at the end of a month in
     which it moved; a month without a row keeps the previous row's end. Rows chain: a row's
-    `mrr_start` is the previous row's `mrr_end`. Maintained with the movements (a reversal
-    adjusts its month and every later one), so it is a snapshot, not part of the ledger."""
+    `mrr_start` is the previous row's `mrr_end`. Also the month's number of expansion entries and
+    the MRR lost to contraction and churn (reporting currency minor units, positive), net of
+    reversals. Maintained with the movements (a reversal adjusts its month and every later one),
+    so it is a snapshot, not part of the ledger."""
 
     __tablename__ = "customer_mrr_months"
     __table_args__ = (Index("ix_customer_mrr_months_month", "month"),)
@@ -298,6 +300,8 @@ class CustomerMonthRow(Base):
     currency: Mapped[str] = mapped_column(String(3))
     mrr_start: Mapped[int] = mapped_column(BigInteger)
     mrr_end: Mapped[int] = mapped_column(BigInteger)
+    expansions: Mapped[int] = mapped_column(Integer)
+    lost: Mapped[int] = mapped_column(BigInteger)
 
 
 class MovementLineRow(Base):

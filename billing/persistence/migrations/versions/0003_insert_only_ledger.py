@@ -6,7 +6,8 @@ reversing entries, movement legs and per-customer monthly MRR snapshots.
   `reversal`), `reverses` (the entry a reversal negates; unique, so an entry is reversed at most
   once) and `month` (UTC calendar month of `at`, `year * 12 + month - 1`, for grouping).
 - `mrr_movement_legs`: each movement's change per (subscription, plan, product).
-- `customer_mrr_months`: each customer's MRR at the start and end of every month it moved.
+- `customer_mrr_months`: each customer's MRR at the start and end of every month it moved, with
+  the month's expansion entries and MRR lost to contraction and churn.
 - Triggers on `mrr_movements`, `mrr_movement_legs` and `movement_invoice_lines` refuse UPDATE and
   DELETE (and TRUNCATE on PostgreSQL): corrections are new reversing entries.
 
@@ -83,6 +84,8 @@ def upgrade() -> None:
         sa.Column("currency", sa.String(3), nullable=False),
         sa.Column("mrr_start", sa.BigInteger(), nullable=False),
         sa.Column("mrr_end", sa.BigInteger(), nullable=False),
+        sa.Column("expansions", sa.Integer(), nullable=False),
+        sa.Column("lost", sa.BigInteger(), nullable=False),
         sa.PrimaryKeyConstraint("customer", "month", name=op.f("pk_customer_mrr_months")),
     )
     op.create_index("ix_customer_mrr_months_month", "customer_mrr_months", ["month"])
@@ -185,13 +188,13 @@ def _backfill_legs_and_snapshots(bind: sa.engine.Connection) -> None:
     products = {plan["code"]: plan.get("product", "core") for plan in (catalog or {}).get("plans", [])}
     plans: dict[str, str] = {sid: plan for sid, plan in bind.execute(sa.text("SELECT id, plan FROM subscriptions"))}
     rows = bind.execute(sa.text(
-        "SELECT id, customer, subscription, currency, delta, reporting_delta, month "
+        "SELECT id, customer, subscription, currency, delta, reporting_delta, month, type "
         "FROM mrr_movements ORDER BY customer, at, id"
     )).all()
     legs = []
     months: dict[tuple[str, int], dict[str, Any]] = {}
     level: dict[str, int] = {}
-    for movement_id, customer, subscription, currency, delta, reporting_delta, month in rows:
+    for movement_id, customer, subscription, currency, delta, reporting_delta, month, type_ in rows:
         plan = plans.get(subscription)
         legs.append({"movement_id": movement_id, "position": 0, "subscription": subscription, "plan": plan,
                      "product": products.get(plan) if plan is not None else None, "delta": delta,
@@ -199,12 +202,14 @@ def _backfill_legs_and_snapshots(bind: sa.engine.Connection) -> None:
         start = level.get(customer, 0)
         level[customer] = start + delta
         row = months.setdefault((customer, month), {"customer": customer, "month": month, "currency": currency,
-                                                     "mrr_start": start})
+                                                     "mrr_start": start, "expansions": 0, "lost": 0})
         row["mrr_end"] = level[customer]
+        row["expansions"] += 1 if type_ == "expansion" else 0
+        row["lost"] -= reporting_delta if type_ in ("contraction", "churn") else 0
     if legs:
         bind.execute(sa.table("mrr_movement_legs", *(sa.column(c) for c in legs[0])).insert(), legs)
     if months:
         snapshot = sa.table("customer_mrr_months", sa.column("customer"), sa.column("month"), sa.column("currency"),
-                            sa.column("mrr_start"), sa.column("mrr_end"))
+                            sa.column("mrr_start"), sa.column("mrr_end"), sa.column("expansions"), sa.column("lost"))
         bind.execute(snapshot.insert(), list(months.values()))
 
