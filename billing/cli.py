@@ -605,3 +605,10 @@ def credit_notes_list(ctx: click.Context, customer: str | None, invoice: str | N
 def main() -> None:
     """Console entry point (`billing`)."""
     cli.main(prog_name="billing")
+
+
+# The audit trail and report commands (trace, reconcile, report) live in billing/cli_audit.py.
+from billing.cli_audit import audit_commands  # noqa: E402 - registered once the group exists
+
+for _audit_command in audit_commands():
+    cli.add_command(_audit_command)
