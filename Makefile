@@ -50,6 +50,7 @@ demo: venv
 	$(BILLING) apply $(DEMO_BOOK) --db $(DEMO_DB) | grep -v "already applied" || true
 	$(BILLING) invoices list --db $(DEMO_DB)
 	$(BILLING) movements list --db $(DEMO_DB)
+	$(BILLING) report --out $(DEMO_DIR)/report --db $(DEMO_DB)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis

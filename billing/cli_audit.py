@@ -1,5 +1,5 @@
-"""The audit-trail commands of `billing`: `trace movement`, `trace metric` and `reconcile`
-(expansion/trace.py).
+"""The audit-trail and report commands of `billing`: `trace movement`, `trace metric`,
+`reconcile` and `report` (expansion/trace.py, expansion/report.py).
 
 They run under the `billing` group (`billing.cli` registers them), so their errors are one line
 on stderr and a non-zero exit like every other command: 2 for a bad period, metric, segment or
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import click
@@ -278,6 +279,27 @@ def reconciliation_text(rec: Reconciliation) -> str:
     return "\n".join(out)
 
 
+# --- report -----------------------------------------------------------------------------------
+
+
+@click.command("report")
+@click.option("--out", "out", required=True, metavar="DIR", type=click.Path(file_okay=False),
+              help="Directory to write index.html and its trail pages into (created if missing).")
+@db_option
+@click.pass_context
+def report(ctx: click.Context, out: str, db: str) -> None:
+    """Write the expansion report: DIR/index.html (self-contained, opens offline) and
+    DIR/trail/*.html, the movements behind every number. Prints the path of index.html."""
+    from expansion.report import write_report
+
+    engine = _engine(ctx, db)
+    try:
+        written = write_report(engine, Path(out))
+    except TraceError as exc:
+        raise _bad_input(exc) from None
+    click.echo(str(written))
+
+
 def audit_commands() -> list[click.Command]:
     """The commands billing.cli registers on its group."""
-    return [trace, reconcile]
+    return [trace, reconcile, report]
