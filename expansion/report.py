@@ -116,7 +116,7 @@ a{color:#1a5fb4;text-decoration:none}a:hover{text-decoration:underline}
 .cohort svg{max-width:900px}
 pre{background:#f6f6f6;padding:6px 8px;white-space:pre-wrap;word-break:break-all;font-size:12px;margin:4px 0}
 dl{display:grid;grid-template-columns:140px 1fr;gap:2px 12px;margin:4px 0}dt{color:#555}dd{margin:0}
-.exception{color:#b00020}.section{margin-bottom:24px}
+.wide{overflow-x:auto;max-width:100%}
 """
 
 
@@ -154,7 +154,8 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[object]], numeric: Ite
     right = set(numeric)
     head = el("tr", *(el("th", h, cls="n" if i in right else None) for i, h in enumerate(headers)))
     body = [el("tr", *(c if _is_cell(c) else el("td", c) for c in row)) for row in rows]
-    return el("table", el("thead", head), el("tbody", *body))
+    # a wide table scrolls inside its box instead of widening the page
+    return el("div", el("table", el("thead", head), el("tbody", *body)), cls="wide")
 
 
 BRIDGE_HEADERS = ["period", "starting", "new", "expansion", "contraction", "churn", "reactivation", "fx impact",
