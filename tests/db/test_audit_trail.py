@@ -362,3 +362,17 @@ def test_a_reversal_is_traced_and_left_out_of_the_figures(db: Db) -> None:
     assert rec.movements[2].explanation == ("reversed by movement #4: no metric counts it (its billing, INV-0002#4, "
                                             "stays as invoiced)")
     assert rec.exceptions == []
+
+
+def test_the_report_reads_the_same_ledger(db: Db, tmp_path: Path) -> None:
+    """The report on this backend: its numbers are the replay's, its trails sum to them."""
+    from expansion.report import write_report
+    from expansion.report_model import build_model, load_report_data
+
+    result = replay(db, "39")
+    model = build_model(load_report_data(db.engine))
+    assert model.metrics == result.metrics
+    assert model.trails[("expansion", "2026-01")].total_str == "100.00"
+    assert model.traces[2].lines[1].credit_notes == ("CN-0003",)
+    index = write_report(db.engine, tmp_path / "report")
+    assert '<a href="trail/expansion-2026-01.html">100.00</a>' in index.read_text(encoding="utf-8")
