@@ -83,6 +83,8 @@ class ReportData:
 
 
 def load_report_data(engine: Engine) -> ReportData:
+    """Read everything the report needs: the book's settings, the ledger (movements with their
+    commands, invoices, credit notes) and the current customers and subscriptions."""
     from billing import service
     from billing.persistence.audit import audit_reader
     from expansion.trace import book_settings

@@ -116,11 +116,6 @@ class AuditReader:
                        if original is not None)
         return out
 
-    def movement_span(self) -> tuple[datetime, datetime] | None:
-        """The instants of the first and last movement; None when there are none."""
-        first, last = self.session.execute(select(func.min(MovementRow.at), func.max(MovementRow.at))).one()
-        return None if first is None else (first, last)
-
     # -- commands ------------------------------------------------------------------------------
 
     def commands(self, ids: Collection[int]) -> dict[int, StoredCommand]:
