@@ -3,7 +3,7 @@
 The metric set is computed by the database (GROUP BY and window functions over the ledger), so
 `expansion.ledger` writes SQL text; this module is how it reaches the database without importing
 SQLAlchemy itself. `read_ledger(engine)` opens one connection whose transaction is always rolled
-back: nothing a reader does (temporary tables included) outlives it. `bulk_insert` appends many
+back: nothing a reader does (temporary tables included) outlives it. `load_tsv` appends many
 rows at once — COPY on PostgreSQL, executemany on SQLite — for synthetic ledgers.
 """
 
@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
+
+from billing.persistence.tables import Base
 
 
 class SqlReader:
@@ -34,6 +36,13 @@ class SqlReader:
     def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
         self.connection.execute(text(sql), dict(params or {}))
 
+    def stream(self, sql: str, params: Mapping[str, Any] | None = None) -> Iterable[tuple[Any, ...]]:
+        """Rows one at a time, without holding the whole result in memory."""
+        result = self.connection.execution_options(stream_results=True, yield_per=10_000).execute(
+            text(sql), dict(params or {}))
+        for row in result:
+            yield tuple(row)
+
 
 @contextmanager
 def read_ledger(engine: Engine) -> Iterator[SqlReader]:
@@ -48,46 +57,46 @@ def read_ledger(engine: Engine) -> Iterator[SqlReader]:
             connection.rollback()
 
 
-def bulk_insert(engine: Engine, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]],
-                *, batch: int = 50_000) -> int:
-    """Append rows (tuples in `columns` order) to `table` in one transaction; return how many.
+def load_tsv(engine: Engine, table: str, columns: Sequence[str], path: Path, *, batch: int = 100_000) -> int:
+    """Append the rows of a tab-separated file (PostgreSQL COPY text format: `\\N` is NULL,
+    instants as naive UTC `YYYY-MM-DD HH:MM:SS.ffffff`) to `table`; return how many.
 
-    PostgreSQL gets them through COPY, SQLite through executemany in batches. Values go in as
-    they are (ints, strings; instants as `datetime`), so the caller writes what the table's
-    columns store: minor units for money, UTC for instants.
-    """
+    The table's secondary indexes are dropped before and rebuilt after (faster than maintaining
+    them row by row), then the table is analysed. PostgreSQL reads the file through COPY; SQLite
+    through executemany in batches (its column affinity turns the digits into integers)."""
+    model = Base.metadata.tables[table]
+    indexes = list(model.indexes)
     count = 0
     with engine.begin() as connection:
+        for index in indexes:
+            index.drop(connection)
         raw = connection.connection.driver_connection
         assert raw is not None
+        names = ", ".join(columns)
         if connection.dialect.name == "postgresql":
-            names = ", ".join(columns)
-            with raw.cursor() as cursor, cursor.copy(f"COPY {table} ({names}) FROM STDIN") as copy:
-                for row in rows:
-                    copy.write_row(row)
-                    count += 1
-            return count
-        # SQLite keeps instants as naive UTC text, in the format SQLAlchemy writes and reads
-        rows = (tuple(_sqlite_value(v) for v in row) for row in rows)
-        placeholders = ", ".join("?" for _ in columns)
-        # table and column names come from the caller's code, never from input
-        statement = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({placeholders})"  # noqa: S608
-        cursor = raw.cursor()
-        chunk: list[Sequence[Any]] = []
-        for row in rows:
-            chunk.append(row)
-            if len(chunk) >= batch:
+            with raw.cursor() as cursor:
+                cursor.execute("SET LOCAL TIME ZONE 'UTC'")
+                with cursor.copy(f"COPY {table} ({names}) FROM STDIN") as copy, path.open("rb") as source:
+                    while block := source.read(1 << 20):
+                        copy.write(block)
+            count = int(connection.execute(text(f"SELECT COUNT(*) FROM {table}")).scalar() or 0)  # noqa: S608
+        else:
+            # table and column names come from the caller's code, never from input
+            statement = f"INSERT INTO {table} ({names}) VALUES ({', '.join('?' for _ in columns)})"  # noqa: S608
+            cursor = raw.cursor()
+            chunk: list[list[str | None]] = []
+            with path.open(encoding="utf-8") as source:
+                for line in source:
+                    chunk.append([None if cell == "\\N" else cell for cell in line.rstrip("\n").split("\t")])
+                    if len(chunk) >= batch:
+                        cursor.executemany(statement, chunk)
+                        count += len(chunk)
+                        chunk = []
+            if chunk:
                 cursor.executemany(statement, chunk)
                 count += len(chunk)
-                chunk = []
-        if chunk:
-            cursor.executemany(statement, chunk)
-            count += len(chunk)
-        cursor.close()
+            cursor.close()
+        for index in indexes:
+            index.create(connection)
+        connection.execute(text(f"ANALYZE {table}"))
     return count
-
-
-def _sqlite_value(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
-    return value
