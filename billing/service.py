@@ -636,6 +636,10 @@ def reverse_movement(
         existing = uow.ledger.reversal_of(movement_id)
         if existing is not None:
             raise ServiceError(f"movement {movement_id} is already reversed by movement {existing}")
+        lowest = uow.ledger.lowest_mrr_from(original.customer, original.at)
+        if lowest is not None and lowest - original.delta < 0:
+            raise ServiceError(f"reversing movement {movement_id} would take {original.customer}'s MRR below zero "
+                               "in the ledger; reverse the later entries that build on it first")
         book = Book.loads(stored.snapshot)
         entry = reversing_entry(original, book.allocate_movement_id())
         now = uow.now()

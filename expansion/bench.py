@@ -10,7 +10,9 @@ yearly exchange rates. Six per-seat plans in three products; an upgrade or downg
 legs, everything else one. About one customer per seven movements; customers carry `segment`
 and `country` tags. Movements, legs and monthly snapshots are generated customer by customer
 (memory flat in N) into tab-separated files and bulk-loaded (COPY on PostgreSQL, executemany on
-SQLite) in a child process, so the parent's peak RSS is the metric computation's.
+SQLite) in a child process, so the parent's peak RSS is the metric computation's. The monthly
+flows and measures (`billing.month_measures`) are computed per customer as the write path
+does and loaded with the rest.
 
 The trace is `billing trace metric expansion --period <last month>` (`expansion.trace`): every
 movement that makes up that month's expansion; its total must equal the metric set's figure.
@@ -33,6 +35,7 @@ from typing import Any, TextIO
 from billing.book import Book
 from billing.catalog import Catalog
 from billing.money import from_minor, round_to_places
+from billing.month_measures import Conversion, MonthRow, differences
 from billing.persistence import UnitOfWork, create_engine, upgrade
 from billing.persistence.sql_reader import load_tsv
 from billing.scenario import Settings
@@ -129,6 +132,9 @@ class _Customer:
             other = [p for p, product, _ in PLANS if product != PRODUCT[self.plan[main]]]
             self.start(f"{self.id}-2", other)
             return f"{self.id}-2", "cross_sell"
+        elif pick < 65 and self.extra[main] < 0:
+            self.extra[main] = 0
+            return main, "discount_end"
         self.seats[main] += rng.randint(1, 5)
         return main, "seat"
 
@@ -170,6 +176,10 @@ class Writer:
         self.legs = 0
         self.months = 0
         self.rates = {cur: [Fraction(r) for r in values] for cur, values in RATES.items()}
+        self.conversion = Conversion(bench_settings())
+        self.customer_rows: list[MonthRow] = []
+        self.flows: dict[tuple[int, str, str], list[int]] = {}
+        self.measures: dict[tuple[str, int], int] = {}
 
     def rate(self, currency: str, month: int) -> Fraction:
         if currency == "USD":
@@ -178,10 +188,15 @@ class Writer:
 
     def run(self) -> dict[str, int]:
         files: dict[str, TextIO] = {name: (self.directory / f"{name}.tsv").open("w", encoding="utf-8")
-                 for name in ("movements", "legs", "months", "customers")}
+                 for name in ("movements", "legs", "months", "customers", "flows", "measures")}
         try:
             while self.next_id <= self.target:
                 self.customer(files)
+            for (month, kind, subtype), (amount, entries) in sorted(self.flows.items()):
+                files["flows"].write(f"{month}\t{kind}\t{subtype}\t{amount}\t{entries}\n")
+            for (measure, month), amount in sorted(self.measures.items()):
+                if amount:
+                    files["measures"].write(f"{measure}\t{month}\t{amount}\n")
         finally:
             for handle in files.values():
                 handle.close()
@@ -236,6 +251,11 @@ class Writer:
         files["customers"].write("\t".join((c.id, currency, "0", "UTC", "en_US", c.id, tags, str(c.level), "0",
                                            stamp, stamp, "1")) + "\n")
         self.flush_month(files)
+        if self.customer_rows:
+            entries = differences(self.customer_rows, currency, self.customer_rows[0].month, self.conversion)
+            for key, value in entries.items():
+                self.measures[key] = self.measures.get(key, 0) + value
+            self.customer_rows = []
 
     _open_month: list[Any] | None = None
 
@@ -269,10 +289,15 @@ class Writer:
         row[4] += delta
         row[5] += 1 if kind == "expansion" else 0
         row[6] += -reporting if kind in ("contraction", "churn") else 0
+        flow = self.flows.setdefault((month, kind, subtype or ""), [0, 0])
+        flow[0] += reporting
+        flow[1] += 1
 
     def flush_month(self, files: dict[str, TextIO]) -> None:
         if self._open_month is not None:
             files["months"].write("\t".join(str(v) for v in self._open_month) + "\n")
+            _, month, _, start, end, expansions, lost = self._open_month
+            self.customer_rows.append(MonthRow(month, start, end, expansions, lost))
             self.months += 1
             self._open_month = None
 
@@ -308,6 +333,9 @@ def build(url: str, movements: int, seed: int = 7) -> dict[str, Any]:
             load_tsv(engine, "mrr_movements", MOVEMENT_COLUMNS, directory / "movements.tsv")
             load_tsv(engine, "mrr_movement_legs", LEG_COLUMNS, directory / "legs.tsv")
             load_tsv(engine, "customer_mrr_months", MONTH_COLUMNS, directory / "months.tsv")
+            load_tsv(engine, "mrr_month_flows", ("month", "type", "subtype", "amount", "entries"),
+                     directory / "flows.tsv")
+            load_tsv(engine, "mrr_month_measures", ("measure", "month", "amount"), directory / "measures.tsv")
         loaded = time.perf_counter()
         return {**counts, "generate_seconds": round(generated - started, 2),
                 "load_seconds": round(loaded - generated, 2)}

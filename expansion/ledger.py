@@ -278,6 +278,14 @@ FROM dv GROUP BY seg, currency, t
 """
 
 
+# The whole book by month, from the tables maintained with every entry.
+MONTHLY_FLOWS = "SELECT month, type, subtype, amount FROM mrr_month_flows WHERE month >= :m_lo AND month < :m_hi"
+MONTHLY_MEASURES = """
+SELECT measure, month, SUM(amount) OVER (PARTITION BY measure ORDER BY month ROWS UNBOUNDED PRECEDING)
+FROM mrr_month_measures WHERE month < :m_hi ORDER BY measure, month
+"""
+
+
 # --- the metric set ---------------------------------------------------------------------------
 
 
@@ -289,11 +297,16 @@ def metric_set(
     last: str | None = None,
     by: str | None = None,
     ttm: bool = True,
+    fast: bool = True,
 ) -> MetricSet:
     """The metric set for periods `first`..`last` (labels; default: the whole ledger, from the
-    first to the last command or movement) of kind `period`, split `by` a segment."""
+    first to the last command or movement) of kind `period`, split `by` a segment.
+
+    Months of the whole book come from the monthly tables maintained with every entry
+    (`mrr_month_flows`, `mrr_month_measures`); everything else, and months with `fast=False`,
+    is aggregated from the ledger and its snapshots (the two agree: a test checks it)."""
     with read_ledger(engine) as reader:
-        return LedgerMetrics(reader).metric_set(period=period, first=first, last=last, by=by, ttm=ttm)
+        return LedgerMetrics(reader).metric_set(period=period, first=first, last=last, by=by, ttm=ttm, fast=fast)
 
 
 class LedgerMetrics:
@@ -316,17 +329,60 @@ class LedgerMetrics:
         return p_first, p_last
 
     def metric_set(self, *, period: str = "month", first: str | None = None, last: str | None = None,
-                   by: str | None = None, ttm: bool = True) -> MetricSet:
+                   by: str | None = None, ttm: bool = True, fast: bool = True) -> MetricSet:
         if period not in MONTHS_IN:
             raise ValueError(f"unknown period {period!r}: month, quarter or year")
         seg = parse_segmentation(by)
         p_first, p_last = self.range(period, first, last)
         try:
-            rows = self._rows(period, seg, p_first, p_last, ttm=ttm)
+            if fast and period == "month" and seg.kind is None:
+                rows = self._monthly_rows(p_first, p_last, ttm=ttm)
+            else:
+                rows = self._rows(period, seg, p_first, p_last, ttm=ttm)
         finally:
             self.drop_temporary()
         return MetricSet(period, period_label(period, p_first), period_label(period, p_last), seg.label,
                          self.book.reporting_currency, rows)
+
+    # -- the whole book by month: the maintained monthly tables --------------------------------
+
+    def _monthly_rows(self, m_first: int, m_last: int, *, ttm: bool) -> list[dict[str, object]]:
+        """Months of the whole book from `mrr_month_flows` and the difference arrays of
+        `mrr_month_measures` (billing.month_measures), accumulated by the database."""
+        params = {"m_lo": m_first - 2, "m_hi": m_last + 1}
+        flows: dict[int, dict[str, int]] = {}
+        for month, type_, subtype, amount in self.reader.rows(MONTHLY_FLOWS, params):
+            cell = flows.setdefault(int(month), {})
+            cell[type_] = cell.get(type_, 0) + int(amount)
+            if type_ == "expansion":
+                cell[f"expansion/{subtype}"] = cell.get(f"expansion/{subtype}", 0) + int(amount)
+        series: dict[str, list[tuple[int, int]]] = {}
+        for measure, month, value in self.reader.rows(MONTHLY_MEASURES, params):
+            series.setdefault(str(measure), []).append((int(month), int(value)))
+
+        def at(measure: str, month: int) -> int:
+            value = 0
+            for m, v in series.get(measure, ()):
+                if m > month:
+                    break
+                value = v
+            return value
+
+        levels = {m: Levels(*(at(name, m) for name in ("starting", "ending", "a_end", "a_min", "payers_start",
+                                                        "payers_end", "activated", "accounts", "lost_a")))
+                  for m in range(m_first, m_last + 1)}
+        ttm_values: dict[int, tuple[str | None, str | None]] = {}
+        if ttm:
+            currencies = sorted({name.split(":", 1)[1] for name in series if name.startswith("ttm_")})
+            for m in range(m_first, m_last + 1):
+                instant = period_bounds("month", m)[1] - timedelta(microseconds=1)
+                f = g = h = 0
+                for cur in currencies:
+                    f += self._convert(cur, instant, at(f"ttm_f:{cur}", m))
+                    g += self._convert(cur, instant, at(f"ttm_g:{cur}", m))
+                    h += self._convert(cur, instant, at(f"ttm_h:{cur}", m))
+                ttm_values[m] = (self.book.rate(f, h), self.book.rate(g, h))
+        return format_rows(self.book, "month", None, m_first, m_last, flows, levels, {}, ttm_values)
 
     # -- building blocks -----------------------------------------------------------------------
 
@@ -480,122 +536,126 @@ class LedgerMetrics:
                       foreign: dict[tuple[str, int], tuple[Any, ...]], accounts_by_subtype: dict[tuple[str, int], int],
                       ttm_values: dict[tuple[str, int], tuple[str | None, str | None]],
                       levels_known: bool) -> list[dict[str, object]]:
-        k = MONTHS_IN[period]
-        book = self.book
-        by_p = {int(row[1]): row for row in reporting}
-        ordered = sorted(by_p)
+        levels: dict[int, Levels] | None = None
+        if levels_known:
+            by_p = {int(row[1]): row for row in reporting}
+            ordered = sorted(by_p)
 
-        def level_at(p: int) -> tuple[int, int]:
-            """(level, payers) of reporting-currency customers at the end of period p."""
-            best = None
-            for q in ordered:
-                if q <= p:
+            def level_at(p: int) -> tuple[int, int]:
+                """(level, payers) of reporting-currency customers at the end of period p."""
+                best = None
+                for q in ordered:
+                    if q > p:
+                        break
                     best = q
-                else:
-                    break
-            if best is None:
-                return 0, 0
-            row = by_p[best]
-            return int(row[9]), int(row[10])
+                if best is None:
+                    return 0, 0
+                return int(by_p[best][9]), int(by_p[best][10])
 
-        def flow(p: int) -> dict[str, int]:
-            total: dict[str, int] = {}
-            for month in range(p * k, (p + 1) * k):
-                for key, value in flows.get((s, month), {}).items():
-                    total[key] = total.get(key, 0) + value
-            return total
-
-        def rolling(p: int, key: str) -> int:
-            last_month = (p + 1) * k - 1
-            return sum(flows.get((s, m), {}).get(key, 0) for m in range(last_month - 2, last_month + 1))
-
-        rows: list[dict[str, object]] = []
-        previous = flow(p_first - 1).get("expansion", 0)
-        for p in range(p_first, p_last + 1):
-            f = flow(p)
-            new, expansion, reactivation = f.get("new", 0), f.get("expansion", 0), f.get("reactivation", 0)
-            contraction, churn = -f.get("contraction", 0), -f.get("churn", 0)
-            tin, tout = f.get("transfer_in", 0), f.get("transfer_out", 0)
-            row: dict[str, object] = {}
-            if seg.kind is not None:
-                row["segment"] = seg.segment_label(s)
-            row["period"] = period_label(period, p)
-            gained = new + expansion + reactivation
-            lost = contraction + churn
-            if levels_known:
+            levels = {}
+            for p in range(p_first, p_last + 1):
                 rep_start, payers_start = level_at(p - 1)
                 rep_end, payers_end = level_at(p)
                 own = by_p.get(p)
                 up, loss, activated, accounts, lost_a = (
                     (int(own[3]), int(own[4]), int(own[6]), int(own[7]), int(own[8])) if own else (0, 0, 0, 0, 0))
-                fo = foreign.get((s, p))
-                if fo is not None:
-                    f_start, f_end, f_a_end, f_a_min = (int(x or 0) for x in fo[2:6])
-                    f_payers_end, f_payers_start, f_activated, f_accounts, f_lost = (int(x or 0) for x in fo[6:11])
-                else:
-                    f_start = f_end = f_a_end = f_a_min = f_payers_end = f_payers_start = 0
-                    f_activated = f_accounts = f_lost = 0
-                starting = rep_start + f_start
-                ending = rep_end + f_end
-                a_start = starting
-                a_end = rep_start + up + f_a_end
-                a_min = rep_start - loss + f_a_min
-                expansion_accounts = accounts + f_accounts
-                payers_at_start = payers_start + f_payers_start
-                payers_at_end = payers_end + f_payers_end
-                fx_impact = ending - (starting + gained - lost + tin - tout)
-                row.update({
-                    "starting_mrr": book.money(starting),
-                    "new": book.money(new),
-                    "expansion": book.money(expansion),
-                    "expansion_by_subtype": {st: book.money(f.get(f"expansion/{st}", 0)) for st in EXPANSION_SUBTYPES},
-                    "contraction": book.money(contraction),
-                    "churn": book.money(churn),
-                    "reactivation": book.money(reactivation),
-                    "ending_mrr": book.money(ending),
-                    "fx_impact": book.money(fx_impact),
-                    "expansion_accounts": expansion_accounts,
-                    "arpea": book.money(Fraction(expansion, expansion_accounts)) if expansion_accounts else None,
-                    "expansion_growth_rate": book.rate(expansion - previous, previous) if previous else None,
-                    "nrr": book.rate(a_end, a_start),
-                    "grr": book.rate(a_min, a_start),
-                    "arpa": book.money(Fraction(ending, payers_at_end)) if payers_at_end else None,
-                    "quick_ratio": book.rate(gained, lost, scale=1),
-                    "transfer_in": book.money(tin),
-                    "transfer_out": book.money(tout),
-                    "arr": book.money(ending * 12),
-                    "expansion_arr": book.money(expansion * 12),
-                    "expansion_share": book.rate(expansion, gained),
-                    "expansion_activation_rate": book.rate(activated + f_activated, payers_at_start),
-                    "grr_event_sum": book.rate(a_start - lost_a - f_lost, a_start),
-                })
-            else:
-                expansion_accounts = accounts_by_subtype.get((s, p), 0)
-                row.update({
-                    "starting_mrr": None, "new": book.money(new), "expansion": book.money(expansion),
-                    "expansion_by_subtype": {st: book.money(f.get(f"expansion/{st}", 0)) for st in EXPANSION_SUBTYPES},
-                    "contraction": book.money(contraction), "churn": book.money(churn),
-                    "reactivation": book.money(reactivation), "ending_mrr": None, "fx_impact": None,
-                    "expansion_accounts": expansion_accounts,
-                    "arpea": book.money(Fraction(expansion, expansion_accounts)) if expansion_accounts else None,
-                    "expansion_growth_rate": book.rate(expansion - previous, previous) if previous else None,
-                    "nrr": None, "grr": None, "arpa": None, "quick_ratio": book.rate(gained, lost, scale=1),
-                    "transfer_in": book.money(0), "transfer_out": book.money(0), "arr": None,
-                    "expansion_arr": book.money(expansion * 12), "expansion_share": book.rate(expansion, gained),
-                    "expansion_activation_rate": None, "grr_event_sum": None,
-                })
-            rq_expansion, rq_new = rolling(p, "expansion"), rolling(p, "new")
-            ttm_nrr, ttm_grr = ttm_values.get((s, p), (None, None))
-            row.update({
-                "rolling_quarter_expansion_arr": book.money(rq_expansion * 12),
-                "rolling_quarter_new_logo_arr": book.money(rq_new * 12),
-                "rolling_quarter_expansion_vs_new_logo": book.rate(rq_expansion, rq_new, scale=1),
-                "ttm_nrr": ttm_nrr,
-                "ttm_grr": ttm_grr,
-            })
-            rows.append(row)
-            previous = expansion
-        return rows
+                fo = [int(x or 0) for x in foreign[(s, p)][2:11]] if (s, p) in foreign else [0] * 9
+                levels[p] = Levels(
+                    starting=rep_start + fo[0], ending=rep_end + fo[1], a_end=rep_start + up + fo[2],
+                    a_min=rep_start - loss + fo[3], payers_end=payers_end + fo[4], payers_start=payers_start + fo[5],
+                    activated=activated + fo[6], accounts=accounts + fo[7], lost_a=lost_a + fo[8])
+        return format_rows(self.book, period, seg.segment_label(s) if seg.kind is not None else None, p_first,
+                           p_last, {m: cell for (s2, m), cell in flows.items() if s2 == s}, levels,
+                           {p: n for (s2, p), n in accounts_by_subtype.items() if s2 == s},
+                           {p: v for (s2, p), v in ttm_values.items() if s2 == s})
+
+
+@dataclass(frozen=True)
+class Levels:
+    """What a period's MRR levels give (reporting minor units and account counts): total MRR at
+    its start and end, the NRR and GRR numerators over A (accounts with MRR at the start), paying
+    accounts at the start and end, accounts that expanded (of A, and in all), A's event-sum loss."""
+
+    starting: int
+    ending: int
+    a_end: int
+    a_min: int
+    payers_start: int
+    payers_end: int
+    activated: int
+    accounts: int
+    lost_a: int
+
+
+def format_rows(book: Book, period: str, segment: str | None, p_first: int, p_last: int,
+                flows: dict[int, dict[str, int]], levels: dict[int, Levels] | None,
+                accounts_by_subtype: dict[int, int],
+                ttm_values: dict[int, tuple[str | None, str | None]]) -> list[dict[str, object]]:
+    """The output rows of one segment from per-month flows and per-period levels (None when the
+    segmentation has no levels, as for subtypes)."""
+    k = MONTHS_IN[period]
+
+    def flow(p: int) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for month in range(p * k, (p + 1) * k):
+            for key, value in flows.get(month, {}).items():
+                total[key] = total.get(key, 0) + value
+        return total
+
+    def rolling(p: int, key: str) -> int:
+        last_month = (p + 1) * k - 1
+        return sum(flows.get(m, {}).get(key, 0) for m in range(last_month - 2, last_month + 1))
+
+    rows: list[dict[str, object]] = []
+    previous = flow(p_first - 1).get("expansion", 0)
+    for p in range(p_first, p_last + 1):
+        f = flow(p)
+        new, expansion, reactivation = f.get("new", 0), f.get("expansion", 0), f.get("reactivation", 0)
+        contraction, churn = -f.get("contraction", 0), -f.get("churn", 0)
+        tin, tout = f.get("transfer_in", 0), f.get("transfer_out", 0)
+        gained = new + expansion + reactivation
+        lost = contraction + churn
+        level = levels.get(p) if levels is not None else None
+        accounts = level.accounts if level is not None else accounts_by_subtype.get(p, 0)
+        row: dict[str, object] = {} if segment is None else {"segment": segment}
+        row.update({
+            "period": period_label(period, p),
+            "starting_mrr": book.money(level.starting) if level else None,
+            "new": book.money(new),
+            "expansion": book.money(expansion),
+            "expansion_by_subtype": {st: book.money(f.get(f"expansion/{st}", 0)) for st in EXPANSION_SUBTYPES},
+            "contraction": book.money(contraction),
+            "churn": book.money(churn),
+            "reactivation": book.money(reactivation),
+            "ending_mrr": book.money(level.ending) if level else None,
+            "fx_impact": book.money(level.ending - (level.starting + gained - lost + tin - tout)) if level else None,
+            "expansion_accounts": accounts,
+            "arpea": book.money(Fraction(expansion, accounts)) if accounts else None,
+            "expansion_growth_rate": book.rate(expansion - previous, previous) if previous else None,
+            "nrr": book.rate(level.a_end, level.starting) if level else None,
+            "grr": book.rate(level.a_min, level.starting) if level else None,
+            "arpa": book.money(Fraction(level.ending, level.payers_end)) if level and level.payers_end else None,
+            "quick_ratio": book.rate(gained, lost, scale=1),
+            "transfer_in": book.money(tin),
+            "transfer_out": book.money(tout),
+            "arr": book.money(level.ending * 12) if level else None,
+            "expansion_arr": book.money(expansion * 12),
+            "expansion_share": book.rate(expansion, gained),
+            "expansion_activation_rate": book.rate(level.activated, level.payers_start) if level else None,
+            "grr_event_sum": book.rate(level.starting - level.lost_a, level.starting) if level else None,
+        })
+        rq_expansion, rq_new = rolling(p, "expansion"), rolling(p, "new")
+        ttm_nrr, ttm_grr = ttm_values.get(p, (None, None))
+        row.update({
+            "rolling_quarter_expansion_arr": book.money(rq_expansion * 12),
+            "rolling_quarter_new_logo_arr": book.money(rq_new * 12),
+            "rolling_quarter_expansion_vs_new_logo": book.rate(rq_expansion, rq_new, scale=1),
+            "ttm_nrr": ttm_nrr,
+            "ttm_grr": ttm_grr,
+        })
+        rows.append(row)
+        previous = expansion
+    return rows
 
 
 def _latest(values: Sequence[tuple[int, int, int, int]], month: int) -> tuple[int, int, int, int] | None:

@@ -15,10 +15,13 @@ from typing import Any
 
 from pydantic import TypeAdapter
 from sqlalchemy import Select, and_, func, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from billing.catalog import Catalog
 from billing.money import from_minor, to_minor
+from billing.month_measures import Conversion, MonthRow, change
 from billing.periods import month_index
 from billing.persistence.tables import (
     BookStateRow,
@@ -29,6 +32,8 @@ from billing.persistence.tables import (
     CustomerRow,
     InvoiceLineRow,
     InvoiceRow,
+    MonthFlowRow,
+    MonthMeasureRow,
     MovementLegRow,
     MovementLineRow,
     MovementRow,
@@ -377,91 +382,100 @@ class LedgerRepository:
         self._record_months(rows)
 
     def _record_months(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Apply entries to `customer_mrr_months`: a month's row gets the delta on its end (and
-        its expansion count and lost amount), every later row of the customer the delta on both
-        its start and end. Only a reversal, dated at the entry it negates, lands before a
-        customer's latest month."""
+        """Bring the derived tables up to date with new entries, in the same transaction:
+
+        - `customer_mrr_months`: an entry adds its delta to its month's end and to the start and
+          end of every later month of the customer (only a reversal, dated at the entry it
+          negates, lands before a customer's latest month), and counts in the month's
+          expansions and lost MRR;
+        - `mrr_month_flows`: the month's sum per type and subtype;
+        - `mrr_month_measures`: the change of every monthly measure (`billing.month_measures`)
+          that the customers' new rows make from the first month they touch.
+        """
         by_customer: dict[str, list[dict[str, Any]]] = {}
         for row in rows:
             by_customer.setdefault(row["customer"], []).append(row)
-        latest: dict[str, dict[str, Any]] = {}
+        cut = min(row["month"] for row in rows) - 13
         names = sorted(by_customer)
-        month_cols = (CustomerMonthRow.customer, CustomerMonthRow.month, CustomerMonthRow.mrr_start,
-                      CustomerMonthRow.mrr_end, CustomerMonthRow.expansions, CustomerMonthRow.lost)
+        stored: dict[str, list[MonthRow]] = {name: [] for name in names}
+        before: dict[str, int] = {}
         for start in range(0, len(names), 500):
             chunk = names[start : start + 500]
+            query = (
+                select(CustomerMonthRow)
+                .where(CustomerMonthRow.customer.in_(chunk), CustomerMonthRow.month >= cut)
+                .order_by(CustomerMonthRow.customer, CustomerMonthRow.month)
+            )
+            for found in self.session.scalars(query):
+                stored[found.customer].append(
+                    MonthRow(found.month, found.mrr_start, found.mrr_end, found.expansions, found.lost))
             newest = (
                 select(CustomerMonthRow.customer, func.max(CustomerMonthRow.month).label("month"))
-                .where(CustomerMonthRow.customer.in_(chunk))
+                .where(CustomerMonthRow.customer.in_(chunk), CustomerMonthRow.month < cut)
                 .group_by(CustomerMonthRow.customer)
                 .subquery()
             )
             same = and_(newest.c.customer == CustomerMonthRow.customer, newest.c.month == CustomerMonthRow.month)
-            for found in self.session.execute(select(*month_cols).join(newest, same)):
-                latest[found.customer] = dict(found._mapping)
+            for customer, level in self.session.execute(
+                select(CustomerMonthRow.customer, CustomerMonthRow.mrr_end).join(newest, same)
+            ):
+                before[customer] = level
+        settings = self.session.scalar(select(BookStateRow.settings))
+        conversion = Conversion(Settings.model_validate(settings) if settings is not None else Settings())
         inserts: list[dict[str, Any]] = []
         updates: list[dict[str, Any]] = []
+        measures: dict[tuple[str, int], int] = {}
         for customer, entries in by_customer.items():
-            current = latest.get(customer)
-            if current is not None and any(e["month"] < current["month"] for e in entries):
-                for entry in entries:
-                    self._backdate_month(entry)
-                continue
-            open_row: dict[str, Any] | None = None
-            if current is not None:
-                open_row = dict(current)
-                updates.append(open_row)
+            currency = entries[0]["currency"]
+            old = stored[customer]
+            new = list(old)
             for entry in entries:
-                if open_row is None or entry["month"] != open_row["month"]:
-                    level = open_row["mrr_end"] if open_row is not None else 0
-                    open_row = {"customer": customer, "month": entry["month"], "currency": entry["currency"],
-                                "mrr_start": level, "mrr_end": level, "expansions": 0, "lost": 0}
-                    inserts.append(open_row)
-                delta, expansions, lost = _month_effect(entry)
-                open_row["mrr_end"] += delta
-                open_row["expansions"] += expansions
-                open_row["lost"] += lost
+                new = _apply_entry(new, entry, before.get(customer, 0))
+            known = {month_row.month: month_row for month_row in old}
+            for month_row in new:
+                values = {"customer": customer, "month": month_row.month, "mrr_start": month_row.mrr_start,
+                          "mrr_end": month_row.mrr_end, "expansions": month_row.expansions, "lost": month_row.lost}
+                if month_row.month not in known:
+                    inserts.append({**values, "currency": currency})
+                elif known[month_row.month] != month_row:
+                    updates.append(values)
+            since = min(entry["month"] for entry in entries)
+            for key, value in change(old, new, currency, since, conversion, before.get(customer, 0)).items():
+                measures[key] = measures.get(key, 0) + value
         if inserts:
             self.session.execute(insert(CustomerMonthRow), inserts)
-        for row in updates:
-            if all(row[k] == latest[row["customer"]][k] for k in ("mrr_end", "expansions", "lost")):
-                continue
+        for values in updates:
             self.session.execute(
                 update(CustomerMonthRow)
-                .where(CustomerMonthRow.customer == row["customer"], CustomerMonthRow.month == row["month"])
-                .values(mrr_end=row["mrr_end"], expansions=row["expansions"], lost=row["lost"])
+                .where(CustomerMonthRow.customer == values["customer"], CustomerMonthRow.month == values["month"])
+                .values(mrr_start=values["mrr_start"], mrr_end=values["mrr_end"], expansions=values["expansions"],
+                        lost=values["lost"])
                 .execution_options(synchronize_session=False)
             )
+        flows: dict[tuple[int, str, str], list[int]] = {}
+        for row in rows:
+            cell = flows.setdefault((row["month"], row["type"], row["subtype"] or ""), [0, 0])
+            cell[0] += row["reporting_delta"]
+            cell[1] += -1 if row["entry"] == "reversal" else 1
+        self._accumulate(MonthFlowRow, ("month", "type", "subtype"), [
+            {"month": m, "type": t, "subtype": st, "amount": a, "entries": n} for (m, t, st), (a, n) in flows.items()
+        ], ("amount", "entries"))
+        self._accumulate(MonthMeasureRow, ("measure", "month"), [
+            {"measure": measure, "month": month, "amount": amount} for (measure, month), amount in measures.items()
+        ], ("amount",))
 
-    def _backdate_month(self, entry: dict[str, Any]) -> None:
-        customer, month = entry["customer"], entry["month"]
-        delta, expansions, lost = _month_effect(entry)
-        exists_ = self.session.scalar(
-            select(func.count()).where(CustomerMonthRow.customer == customer, CustomerMonthRow.month == month)
+    def _accumulate(self, model: Any, keys: tuple[str, ...], values: list[dict[str, Any]],
+                    sums: tuple[str, ...]) -> None:
+        """Add `values` to the rows with the same keys (INSERT … ON CONFLICT DO UPDATE)."""
+        if not values:
+            return
+        dialect = self.session.get_bind().dialect.name
+        statement = (postgresql_insert if dialect == "postgresql" else sqlite_insert)(model)
+        statement = statement.on_conflict_do_update(
+            index_elements=list(keys),
+            set_={name: getattr(model, name) + getattr(statement.excluded, name) for name in sums},
         )
-        if not exists_:
-            level = self.session.scalar(
-                select(CustomerMonthRow.mrr_end)
-                .where(CustomerMonthRow.customer == customer, CustomerMonthRow.month < month)
-                .order_by(CustomerMonthRow.month.desc())
-                .limit(1)
-            ) or 0
-            self.session.execute(insert(CustomerMonthRow), [{
-                "customer": customer, "month": month, "currency": entry["currency"], "mrr_start": level,
-                "mrr_end": level, "expansions": 0, "lost": 0}])
-        self.session.execute(
-            update(CustomerMonthRow)
-            .where(CustomerMonthRow.customer == customer, CustomerMonthRow.month == month)
-            .values(mrr_end=CustomerMonthRow.mrr_end + delta, expansions=CustomerMonthRow.expansions + expansions,
-                    lost=CustomerMonthRow.lost + lost)
-            .execution_options(synchronize_session=False)
-        )
-        self.session.execute(
-            update(CustomerMonthRow)
-            .where(CustomerMonthRow.customer == customer, CustomerMonthRow.month > month)
-            .values(mrr_start=CustomerMonthRow.mrr_start + delta, mrr_end=CustomerMonthRow.mrr_end + delta)
-            .execution_options(synchronize_session=False)
-        )
+        self.session.execute(statement, values)
 
     def add_links(self, links: Iterable[tuple[int, LineRef]], command_id: int) -> int:
         """Link movements to invoice lines; a link already stored is skipped. Returns how many
@@ -610,6 +624,14 @@ class LedgerRepository:
         legs = self.legs_of(lambda q: q.where(MovementRow.id == movement_id))
         return _movement(row, (), legs.get(movement_id, ()))
 
+    def lowest_mrr_from(self, customer: str, at: datetime) -> Decimal | None:
+        """The customer's lowest month-end MRR from the month of `at` on (None without rows)."""
+        row = self.session.execute(
+            select(func.min(CustomerMonthRow.mrr_end), func.max(CustomerMonthRow.currency)).where(
+                CustomerMonthRow.customer == customer, CustomerMonthRow.month >= month_index(at))
+        ).one()
+        return None if row[0] is None else from_minor(int(row[0]), str(row[1]))
+
     def reversal_of(self, movement_id: int) -> int | None:
         """The id of the entry that reverses `movement_id`, if any."""
         return self.session.scalar(select(MovementRow.id).where(MovementRow.reverses == movement_id))
@@ -641,14 +663,34 @@ class LedgerRepository:
         return out
 
 
-def _month_effect(entry: dict[str, Any]) -> tuple[int, int, int]:
-    """What one ledger entry does to its customer's month: the MRR delta, the count of
-    expansion entries (a reversal takes one back) and the amount lost to contraction and churn
-    (reporting currency, positive; a reversal gives it back)."""
+def _apply_entry(rows: list[MonthRow], entry: dict[str, Any], before: int) -> list[MonthRow]:
+    """A customer's month rows after one ledger entry: its month's end moves by the delta (the
+    row is created, starting at the previous month's end, if it was not there), later months
+    move with it; a reversal takes its expansion count and lost MRR back."""
+    month, delta = entry["month"], entry["delta"]
     sign = -1 if entry["entry"] == "reversal" else 1
     expansions = sign if entry["type"] == "expansion" else 0
     lost = -entry["reporting_delta"] if entry["type"] in ("contraction", "churn") else 0
-    return entry["delta"], expansions, lost
+    out: list[MonthRow] = []
+    level = before
+    placed = False
+    for row in rows:
+        if row.month < month:
+            out.append(row)
+            level = row.mrr_end
+            continue
+        if not placed:
+            if row.month == month:
+                out.append(MonthRow(month, row.mrr_start, row.mrr_end + delta, row.expansions + expansions,
+                                    row.lost + lost))
+                placed = True
+                continue
+            out.append(MonthRow(month, level, level + delta, expansions, lost))
+            placed = True
+        out.append(MonthRow(row.month, row.mrr_start + delta, row.mrr_end + delta, row.expansions, row.lost))
+    if not placed:
+        out.append(MonthRow(month, level, level + delta, expansions, lost))
+    return out
 
 
 def _invoice(row: InvoiceRow, lines: Sequence[InvoiceLineRow]) -> Invoice:

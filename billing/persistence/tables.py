@@ -304,6 +304,31 @@ class CustomerMonthRow(Base):
     lost: Mapped[int] = mapped_column(BigInteger)
 
 
+class MonthFlowRow(Base):
+    """The ledger's flows per calendar month, type and subtype ('' for none): the sum of the
+    entries' reporting deltas and how many there are (a reversal counts -1). Maintained with the
+    movements; the monthly metric set reads it instead of the movements."""
+
+    __tablename__ = "mrr_month_flows"
+
+    month: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    type: Mapped[str] = mapped_column(String(16), primary_key=True)
+    subtype: Mapped[str] = mapped_column(String(16), primary_key=True)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    entries: Mapped[int] = mapped_column(Integer)
+
+
+class MonthMeasureRow(Base):
+    """Difference arrays of the book's monthly measures (`billing.month_measures`): a measure's
+    value in month m is the sum of its amounts up to m. Maintained with the movements."""
+
+    __tablename__ = "mrr_month_measures"
+
+    measure: Mapped[str] = mapped_column(String(40), primary_key=True)
+    month: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    amount: Mapped[int] = mapped_column(BigInteger)
+
+
 class MovementLineRow(Base):
     """A movement's reference to an invoice line that billed it."""
 

@@ -24,6 +24,8 @@ TABLES = {
     "invoice_lines",
     "invoices",
     "movement_invoice_lines",
+    "mrr_month_flows",
+    "mrr_month_measures",
     "mrr_movement_legs",
     "mrr_movements",
     "subscriptions",

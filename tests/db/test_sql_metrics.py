@@ -48,6 +48,8 @@ def test_sql_metric_set_equals_the_replay_and_segments_bridge(db: Db, path: Path
         assert [scenario_view(row) for row in metrics.rows] == result.metrics[kind], kind
     first, last = label_range(scenario, "month")
     whole = {row["period"]: row for row in metric_set(db.engine, first=first, last=last).rows}
+    # the maintained monthly tables and the aggregation of the ledger agree on every figure
+    assert list(whole.values()) == metric_set(db.engine, first=first, last=last, fast=False).rows
     single_currency = {m.currency for m in result.movements} <= {scenario.settings.reporting_currency}
     for by in ("plan", "product", "currency", "cohort", "tag:segment", "subtype"):
         rows = metric_set(db.engine, first=first, last=last, by=by, ttm=False).rows
@@ -106,6 +108,7 @@ def test_a_reversal_nets_to_zero_in_the_sql_metric_set(db: Db) -> None:
     service.reverse_movement(db.engine, expansion.id, actor="finance", reason="duplicate")
     expected = compute_metrics([m for m in movements if m.id != expansion.id], scenario.settings,
                                scenario.events[0].at, scenario.events[-1].at)
+    assert metric_set(db.engine).rows == metric_set(db.engine, fast=False).rows
     for kind in ("month", "quarter", "year"):
         first, last = label_range(scenario, kind)
         rows = metric_set(db.engine, period=kind, first=first, last=last).rows
@@ -178,3 +181,12 @@ def test_seventy_five_expansion_accounts_bringing_300000_give_an_arpea_of_4000(d
     assert (february["contraction"], february["expansion_arr"]) == ("500.00", "3600000.00")
     assert february["expansion_activation_rate"] == "75.00"
     assert result.metrics["month"][1]["arpea"] == "4000.00"
+
+
+def test_a_reversal_that_would_take_mrr_below_zero_is_refused(db: Db) -> None:
+    """gamma's $100 churns in January; reversing its `new` would leave the churn taking MRR
+    from 0 to −100 in the ledger."""
+    service.replay(parse_scenario_text(BY_NAME["38"].read_text()), db.url)
+    gamma_new = next(m for m in service.list_movements(db.engine) if m.customer == "gamma" and m.type == "new")
+    with pytest.raises(service.ServiceError, match="below zero"):
+        service.reverse_movement(db.engine, gamma_new.id, actor="finance", reason="typo")

@@ -8,6 +8,8 @@ reversing entries, movement legs and per-customer monthly MRR snapshots.
 - `mrr_movement_legs`: each movement's change per (subscription, plan, product).
 - `customer_mrr_months`: each customer's MRR at the start and end of every month it moved, with
   the month's expansion entries and MRR lost to contraction and churn.
+- `mrr_month_flows` and `mrr_month_measures`: the book's monthly flows per type and subtype and
+  the difference arrays of its monthly measures (`billing.month_measures`), for fast metrics.
 - Triggers on `mrr_movements`, `mrr_movement_legs` and `movement_invoice_lines` refuse UPDATE and
   DELETE (and TRUNCATE on PostgreSQL): corrections are new reversing entries.
 
@@ -30,7 +32,9 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import op
 
+from billing.month_measures import Conversion, MonthRow, differences
 from billing.periods import month_index
+from billing.scenario import Settings
 
 revision: str = "0003"
 down_revision: str | None = "0002"
@@ -89,6 +93,22 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("customer", "month", name=op.f("pk_customer_mrr_months")),
     )
     op.create_index("ix_customer_mrr_months_month", "customer_mrr_months", ["month"])
+    op.create_table(
+        "mrr_month_flows",
+        sa.Column("month", sa.Integer(), autoincrement=False, nullable=False),
+        sa.Column("type", sa.String(16), nullable=False),
+        sa.Column("subtype", sa.String(16), nullable=False),
+        sa.Column("amount", sa.BigInteger(), nullable=False),
+        sa.Column("entries", sa.Integer(), nullable=False),
+        sa.PrimaryKeyConstraint("month", "type", "subtype", name=op.f("pk_mrr_month_flows")),
+    )
+    op.create_table(
+        "mrr_month_measures",
+        sa.Column("measure", sa.String(40), nullable=False),
+        sa.Column("month", sa.Integer(), autoincrement=False, nullable=False),
+        sa.Column("amount", sa.BigInteger(), nullable=False),
+        sa.PrimaryKeyConstraint("measure", "month", name=op.f("pk_mrr_month_measures")),
+    )
     _backfill_legs_and_snapshots(bind)
     for statement in trigger_ddl(bind.dialect.name):
         op.execute(statement)
@@ -98,6 +118,8 @@ def downgrade() -> None:
     bind = op.get_bind()
     for statement in drop_trigger_ddl(bind.dialect.name):
         op.execute(statement)
+    op.drop_table("mrr_month_measures")
+    op.drop_table("mrr_month_flows")
     op.drop_index("ix_customer_mrr_months_month", table_name="customer_mrr_months")
     op.drop_table("customer_mrr_months")
     op.drop_table("mrr_movement_legs")
@@ -182,19 +204,27 @@ def _backfill_movements(bind: sa.engine.Connection) -> None:
 
 
 def _backfill_legs_and_snapshots(bind: sa.engine.Connection) -> None:
-    catalog = bind.execute(sa.text("SELECT catalog FROM book_state")).scalar()
+    catalog, raw_settings = bind.execute(sa.text("SELECT catalog, settings FROM book_state")).one_or_none() or (
+        None, None)
     if isinstance(catalog, str):
         catalog = json.loads(catalog)
+    if isinstance(raw_settings, str):
+        raw_settings = json.loads(raw_settings)
+    conversion = Conversion(Settings.model_validate(raw_settings) if raw_settings else Settings())
     products = {plan["code"]: plan.get("product", "core") for plan in (catalog or {}).get("plans", [])}
     plans: dict[str, str] = {sid: plan for sid, plan in bind.execute(sa.text("SELECT id, plan FROM subscriptions"))}
     rows = bind.execute(sa.text(
-        "SELECT id, customer, subscription, currency, delta, reporting_delta, month, type "
+        "SELECT id, customer, subscription, currency, delta, reporting_delta, month, type, subtype "
         "FROM mrr_movements ORDER BY customer, at, id"
     )).all()
     legs = []
     months: dict[tuple[str, int], dict[str, Any]] = {}
     level: dict[str, int] = {}
-    for movement_id, customer, subscription, currency, delta, reporting_delta, month, type_ in rows:
+    flows: dict[tuple[int, str, str], list[int]] = {}
+    for movement_id, customer, subscription, currency, delta, reporting_delta, month, type_, subtype in rows:
+        cell = flows.setdefault((month, type_, subtype or ""), [0, 0])
+        cell[0] += reporting_delta
+        cell[1] += 1
         plan = plans.get(subscription)
         legs.append({"movement_id": movement_id, "position": 0, "subscription": subscription, "plan": plan,
                      "product": products.get(plan) if plan is not None else None, "delta": delta,
@@ -212,4 +242,24 @@ def _backfill_legs_and_snapshots(bind: sa.engine.Connection) -> None:
         snapshot = sa.table("customer_mrr_months", sa.column("customer"), sa.column("month"), sa.column("currency"),
                             sa.column("mrr_start"), sa.column("mrr_end"), sa.column("expansions"), sa.column("lost"))
         bind.execute(snapshot.insert(), list(months.values()))
+    measures: dict[tuple[str, int], int] = {}
+    per_customer: dict[str, list[MonthRow]] = {}
+    currencies: dict[str, str] = {}
+    for (customer, _), row in sorted(months.items()):
+        currencies[customer] = row["currency"]
+        per_customer.setdefault(customer, []).append(
+            MonthRow(row["month"], row["mrr_start"], row["mrr_end"], row["expansions"], row["lost"]))
+    for customer, customer_rows in per_customer.items():
+        since = customer_rows[0].month
+        for key, value in differences(customer_rows, currencies[customer], since, conversion).items():
+            measures[key] = measures.get(key, 0) + value
+    if flows:
+        bind.execute(sa.table("mrr_month_flows", *(sa.column(c) for c in ("month", "type", "subtype", "amount",
+                                                                          "entries"))).insert(),
+                     [{"month": m, "type": t, "subtype": st, "amount": a, "entries": n}
+                      for (m, t, st), (a, n) in flows.items()])
+    if measures:
+        bind.execute(sa.table("mrr_month_measures", sa.column("measure"), sa.column("month"),
+                              sa.column("amount")).insert(),
+                     [{"measure": k, "month": m, "amount": a} for (k, m), a in measures.items() if a])
 

@@ -1,0 +1,167 @@
+"""Monthly measures of the whole book, maintained with every ledger entry ("fast metrics").
+
+The monthly metric set needs, for every calendar month m, sums over all customers of values
+that depend only on the customer's MRR L at the end of months m − 12, m − 1 and m (and on what
+moved in m). Customer c's contribution q_c(m) to a measure:
+
+| measure | q_c(m), with S = L(m−1) and E = L(m) converted at m's first / last instant |
+| --- | --- |
+| starting, ending | S, E |
+| payers_start, payers_end | [S > 0], [E > 0] |
+| a_end, a_min | [S > 0]·E, [S > 0]·min(S, E) — NRR and GRR numerators (A = [S > 0]) |
+| accounts, activated | [expansions in m > 0], [S > 0 and expansions in m > 0] |
+| lost_a | [S > 0]·min(lost in m, S) — the event-sum GRR's loss |
+| ttm_f:CUR, ttm_g:CUR, ttm_h:CUR | [L(m−12) > 0]·L(m), min(L(m−12), L(m)), L(m−12) in the customer's currency |
+
+As a function of m, q_c is piecewise constant: it changes only in a month where the customer
+moved, the month after, twelve months after, or where an exchange rate changes (the book's
+rates are fixed once it holds a command, so every future conversion is known). So each measure
+is stored as a difference array — Q(m) = Σ_{m' ≤ m} D(m') — and a change to a customer's
+months from m0 on adds (new contribution − old contribution) to D at the breakpoints from m0
+on. Conversions are rounded per customer with the book's mode, exactly as the contract's
+metric set does, so the monthly metric set read from these sums equals the replay's.
+
+Rows are a customer's `customer_mrr_months` (month, mrr_start, mrr_end, expansions, lost);
+amounts are integer minor units (customer currency; `lost` in the reporting currency).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from fractions import Fraction
+from functools import cache
+
+from billing.fx import MissingRate, rate_at
+from billing.money import minor_units, round_to_places
+from billing.periods import month_start
+from billing.scenario import Settings
+
+LEVEL_MEASURES = ("starting", "ending", "payers_start", "payers_end", "a_end", "a_min", "accounts", "activated",
+                  "lost_a")
+TTM_MEASURES = ("ttm_f", "ttm_g", "ttm_h")
+
+
+@dataclass(frozen=True)
+class MonthRow:
+    month: int
+    mrr_start: int
+    mrr_end: int
+    expansions: int = 0
+    lost: int = 0
+
+
+class Conversion:
+    """Customer-currency minor units to reporting minor units at a month's first or last instant,
+    rounded per amount with the book's mode; and the months where a rate changes."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.reporting = settings.reporting_currency
+        breaks: set[int] = set()
+        for entry in settings.fx_rates:
+            # the end rate changes in the month holding `from`, the start rate then or a month later
+            month = entry.from_.year * 12 + entry.from_.month - 1
+            breaks.update((month, month + 1))
+        self.breaks = tuple(sorted(breaks))
+        self._factor = cache(self._compute_factor)
+
+    def _compute_factor(self, currency: str, month: int, end: bool) -> Fraction | None:
+        at = month_start(month + 1) - timedelta(microseconds=1) if end else month_start(month)
+        try:
+            rate = rate_at(self.settings, currency, at)
+        except MissingRate:
+            return None
+        return rate * Fraction(10) ** (minor_units(self.reporting) - minor_units(currency))
+
+    def convert(self, currency: str, month: int, amount: int, *, end: bool) -> int:
+        if currency == self.reporting or amount == 0:
+            return amount
+        factor = self._factor(currency, month, end)
+        if factor is None:
+            raise MissingRate(f"no fx rate for {currency} in {self.reporting} in month {month}")
+        return int(round_to_places(amount * factor, 0, self.settings.rounding))
+
+
+def _measures(currency: str) -> tuple[str, ...]:
+    return (*LEVEL_MEASURES, *(f"{name}:{currency}" for name in TTM_MEASURES))
+
+
+class _Customer:
+    """One customer's rows, for evaluating its contributions month by month."""
+
+    def __init__(self, rows: Sequence[MonthRow], currency: str, conversion: Conversion, before: int) -> None:
+        self.months = [row.month for row in rows]
+        self.ends = [row.mrr_end for row in rows]
+        self.rows = {row.month: row for row in rows}
+        self.currency = currency
+        self.conversion = conversion
+        self.before = before
+
+    def level(self, month: int) -> int:
+        """MRR at the end of `month`: the latest row at or before it, else the level before."""
+        i = bisect_right(self.months, month)
+        return self.ends[i - 1] if i else self.before
+
+    def values(self, month: int) -> tuple[int, ...]:
+        """q_c(month), in the order of `_measures(currency)`."""
+        s = self.level(month - 1)
+        e = self.level(month)
+        then = self.level(month - 12)
+        own = self.rows.get(month)
+        expansions = own.expansions if own is not None else 0
+        lost = own.lost if own is not None else 0
+        start = self.conversion.convert(self.currency, month, s, end=False)
+        end = self.conversion.convert(self.currency, month, e, end=True)
+        member = start > 0
+        return (
+            start, end, int(member), int(end > 0),
+            end if member else 0, min(start, end) if member else 0,
+            int(expansions > 0), int(member and expansions > 0), min(lost, start) if member else 0,
+            e if then > 0 else 0, min(then, e), then,
+        )
+
+
+def contribution(rows: Sequence[MonthRow], currency: str, month: int, conversion: Conversion,
+                 before: int = 0) -> dict[str, int]:
+    """q_c(month) for every measure (see the module docstring); `before` is the level before the
+    first row given."""
+    values = _Customer(rows, currency, conversion, before).values(month)
+    return dict(zip(_measures(currency), values, strict=True))
+
+
+def differences(rows: Sequence[MonthRow], currency: str, since: int, conversion: Conversion,
+                before: int = 0) -> dict[tuple[str, int], int]:
+    """The difference-array entries of one customer's contributions from month `since` on:
+    D(since) = q(since), and at each later breakpoint the change of q. `rows` must hold every row
+    from `since − 12` on; `before` is the level before the first of them."""
+    points = {since}
+    for row in rows:
+        for month in (row.month, row.month + 1, row.month + 12):
+            if month > since:
+                points.add(month)
+    if currency != conversion.reporting:
+        points.update(b for b in conversion.breaks if b > since)
+    customer = _Customer(rows, currency, conversion, before)
+    names = _measures(currency)
+    out: dict[tuple[str, int], int] = {}
+    previous = (0,) * len(names)
+    for month in sorted(points):
+        current = customer.values(month)
+        for name, now, then in zip(names, current, previous, strict=True):
+            if now != then:
+                out[(name, month)] = now - then
+        previous = current
+    return out
+
+
+def change(old: Sequence[MonthRow], new: Sequence[MonthRow], currency: str, since: int, conversion: Conversion,
+           before: int = 0) -> dict[tuple[str, int], int]:
+    """What to add to the difference arrays when a customer's rows go from `old` to `new`, the
+    two being equal before month `since`."""
+    out = differences(new, currency, since, conversion, before)
+    for key, value in differences(old, currency, since, conversion, before).items():
+        out[key] = out.get(key, 0) - value
+    return {key: value for key, value in out.items() if value}
