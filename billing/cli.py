@@ -612,3 +612,9 @@ from billing.cli_audit import audit_commands  # noqa: E402 - registered once the
 
 for _audit_command in audit_commands():
     cli.add_command(_audit_command)
+
+# The expansion metric commands (metrics, cohorts, export movements, bench metrics) live in billing/cli_metrics.py.
+from billing.cli_metrics import metrics_commands  # noqa: E402 - registered once the group exists
+
+for _metrics_command in metrics_commands():
+    cli.add_command(_metrics_command)

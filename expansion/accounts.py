@@ -184,7 +184,7 @@ def expansion_readiness(engine: Engine, *, as_of: datetime | None = None, days: 
                              for t in plan.tiers if t.up_to is not None)
             bound_cases.append(f"WHEN s.plan = :plan_{i} THEN (CASE {steps} ELSE NULL END)" if steps
                                else f"WHEN s.plan = :plan_{i} THEN NULL")
-        bound = f"(CASE {' '.join(bound_cases)} ELSE NULL END)" if bound_cases else "NULL"
+        bound = f"(CASE {' '.join(bound_cases)} ELSE NULL END)" if bound_cases else "CAST(NULL AS INTEGER)"
         tiered = f"(CASE WHEN s.plan IN ({', '.join(tiered_plans)}) THEN 1 ELSE 0 END)" if tiered_plans else "0"
         sql = compose(READINESS, live=LIVE, m_epoch=epoch_seconds(reader, "m.at"), bound=bound, tiered=tiered)
         rows = reader.rows(sql, params)
