@@ -19,8 +19,9 @@ Where the numbers come from:
 - each movement on a trail page links to its audit trail (`trail/movements.html#m-ID`, the data
   of `billing trace movement ID`): the command, MRR before and after, the invoice lines.
 
-The cohort table and the readiness list are defined in `expansion.report_model`; the charts are
-drawn by `expansion.report_charts`; this module writes the pages.
+The cohort rows (from `expansion.cohorts`) and the readiness list are built in
+`expansion.report_model`; the charts are drawn by `expansion.report_charts`; this module writes
+the pages.
 
 Every customer-supplied string (customer ids, names, tags, subscription ids, line descriptions,
 command payloads and actors) is HTML-escaped by `el`/`esc`; charts carry no customer strings at
@@ -232,9 +233,10 @@ def index_page(model: ReportModel) -> str:
                 "GRR counts each at most at its starting MRR.", cls="note"),
         el("div", Html(retention_chart(model)), cls="chart"),
         el("h2", "Cohorts: net MRR retention", id="cohorts"),
-        el("p", "Signup month (the month of a customer's new movement) × months since: the cohort's MRR at the end "
-                "of that month ÷ its MRR at the end of the signup month. Computed in expansion/report.py from "
-                "the movements (part A's cohort function is not there yet).", cls="note"),
+        el("p", "Signup month (the month of a customer's first movement) × months since: the cohort's MRR at the "
+                "end of that month ÷ its MRR at the end of the signup month (net; gross counts each customer at "
+                "most at its base), currencies valued at the rate at the end of the last month. From the cohort "
+                "table (expansion/cohorts.py).", cls="note"),
         el("div", Html(cohort_chart(model)), cls="chart cohort"),
         cohort_table_html(model),
         el("h2", "Expansion readiness", id="readiness"),
@@ -261,18 +263,20 @@ def index_page(model: ReportModel) -> str:
 
 
 def cohort_table_html(model: ReportModel) -> Html:
-    width = max((len(c.values) for c in model.cohorts), default=0)
+    width = max((len(c.net) for c in model.cohorts), default=0)
     rows = []
     for cohort in model.cohorts:
         href = cohort_url(cohort.month.label)
-        cells: list[object] = [el("td", link(cohort.month.label, href)),
-                               num_cell(len(cohort.customers), href, str),
-                               num_cell(cohort.values[0], href)]
-        cells += [num_cell(v, href, rate) for v in cohort.retention]
-        cells += [el("td", "") for _ in range(width - len(cohort.retention))]
-        rows.append(cells)
-    return table(["signup month", "customers", f"MRR month 0 ({model.rep})", *(str(k) for k in range(width))], rows,
-                 numeric=range(1, width + 3))
+        for kind, values in (("net", cohort.net), ("gross", cohort.gross)):
+            cells: list[object] = [el("td", link(cohort.month.label, href) if kind == "net" else ""),
+                                   el("td", kind),
+                                   num_cell(len(cohort.customers), href, str) if kind == "net" else el("td", ""),
+                                   num_cell(money_str(cohort.base, model.rep), href) if kind == "net" else el("td", "")]
+            cells += [num_cell(v, href, rate) for v in values]
+            cells += [el("td", "") for _ in range(width - len(values))]
+            rows.append(cells)
+    return table(["signup month", "retention", "customers", f"base MRR ({model.rep})", *(str(k) for k in range(width))],
+                 rows, numeric=range(2, width + 4))
 
 
 def readiness_html(model: ReportModel) -> Html:
@@ -405,22 +409,30 @@ def period_page(model: ReportModel, kind: str, period: CalendarPeriod) -> str:
 
 def cohort_page(model: ReportModel, cohort: Cohort) -> str:
     rep = model.rep
-    months = model.periods["month"]
-    start = months.index(cohort.month)
-    labels = [m.label for m in months[start:start + len(cohort.values)]]
+    labels = [m.label for m in cohort.months]
     rows: list[list[object]] = []
     for customer in cohort.customers:
-        rows.append([el("td", link(customer, customer_url(model, customer, ""))),
-                     *(el("td", money_str(v, rep), cls="n") for v in cohort.members[customer])])
-    rows.append([el("td", "Σ cohort MRR"), *(el("td", money_str(v, rep), cls="n") for v in cohort.values)])
-    rows.append([el("td", "net MRR retention"), *(el("td", rate(v), cls="n") for v in cohort.retention)])
+        cur = cohort.currency[customer]
+        rows.append([el("td", link(customer, customer_url(model, customer, ""))), el("td", cur),
+                     *(el("td", money_str(v, cur), cls="n") for v in cohort.native[customer])])
+    rows.append([el("td", f"cohort MRR ({rep})"), el("td", ""),
+                 *(el("td", amount(money_str(v, rep)), cls="n") for v in cohort.valued)])
+    rows.append([el("td", "net MRR retention"), el("td", ""), *(el("td", rate(v), cls="n") for v in cohort.net)])
+    rows.append([el("td", f"Σ min(MRR, base) ({rep})"), el("td", ""),
+                 *(el("td", amount(money_str(v, rep)), cls="n") for v in cohort.kept)])
+    rows.append([el("td", "gross MRR retention"), el("td", ""), *(el("td", rate(v), cls="n") for v in cohort.gross)])
+    rows.append([el("td", "paying customers"), el("td", ""), *(el("td", str(v), cls="n") for v in cohort.paying)])
+    valued_at = iso(cohort.months[-1].end)
     body: list[object] = [
         _back(),
         el("h1", f"Cohort {cohort.month.label}"),
-        el("p", f"{len(cohort.customers)} customer(s) whose new movement fell in {cohort.month.label}; MRR at the end "
-                f"of each month in {rep} (converted at the rate in force at the month's last instant).", cls="meta"),
-        table(["customer", *(f"{k} ({label})" for k, label in enumerate(labels))], rows,
-              numeric=range(1, len(labels) + 1)),
+        el("p", f"{len(cohort.customers)} customer(s) whose first movement fell in {cohort.month.label}; each "
+                "one's MRR at the end of every month since, in its currency. Each currency's sum is valued in "
+                f"{rep} at the rate in force just before {valued_at} (constant currency, as the cohort table "
+                "values it); retention = cohort MRR ÷ its MRR at the end of the signup month × 100 (net), or "
+                "Σ min(MRR, base) ÷ base × 100 (gross).", cls="meta"),
+        table(["customer", "currency", *(f"{k} ({label})" for k, label in enumerate(labels))], rows,
+              numeric=range(2, len(labels) + 2)),
     ]
     return page(f"Cohort {cohort.month.label}", body)
 

@@ -230,7 +230,7 @@ def retention_chart(model: ReportModel) -> str:
 def cohort_chart(model: ReportModel) -> str:
     """Heat map: signup month × months since, net MRR retention (%)."""
     cohorts = model.cohorts[-CHART_MONTHS:]
-    width = max((len(c.values) for c in cohorts), default=1)
+    width = max((len(c.net) for c in cohorts), default=1)
 
     def draw(fig: Any) -> None:
         from matplotlib import colormaps
@@ -238,13 +238,13 @@ def cohort_chart(model: ReportModel) -> str:
         from matplotlib.patches import Rectangle
 
         ax = fig.subplots()
-        values = [float(v) for c in cohorts for v in c.retention if v is not None]
+        values = [float(v) for c in cohorts for v in c.net if v is not None]
         low = min([*values, 50.0])
         high = max([*values, 150.0])
         norm = TwoSlopeNorm(vmin=low, vcenter=100.0, vmax=high)
         cmap = colormaps["RdYlGn"]
         for row, cohort in enumerate(cohorts):
-            for k, value in enumerate(cohort.retention):
+            for k, value in enumerate(cohort.net):
                 y = len(cohorts) - 1 - row
                 color = "#eeeeee" if value is None else cmap(norm(float(value)))
                 cell = Rectangle((k, y), 1, 1, facecolor=color, edgecolor="white", linewidth=1)

@@ -9,11 +9,12 @@
   metric set does, and the sums the rates divide.
 - Each movement's audit trail is `expansion.trace.movement_trace` (what `billing trace movement`
   prints), built from the commands in memory.
-- **Cohorts** are computed here from the movements (part A's cohort function in
-  `expansion/cohorts.py` is not there yet): a customer's cohort is the UTC month of its `new`
-  movement; cell (cohort, k) is the cohort's MRR at the end of month cohort + k ÷ its MRR at the end
-  of the cohort month × 100 (net MRR retention; each customer's MRR converted at the rate in force
-  at that month's last instant and rounded, as `ending_mrr` is).
+- **Cohorts** come from the cohort table (`expansion.cohorts.cohort_table`, in SQL): a
+  customer's cohort is the month of its first movement, cell (cohort, k) the cohort's MRR at the end
+  of month cohort + k ÷ its MRR at the end of the signup month × 100 (net; gross counts each
+  customer at most at its base), each currency's sum valued at the rate in force at the end of the
+  table's last month. `cohort_rows` adds the customers behind each row, month by month, so a
+  cell's trail page sums to it.
 - **Expansion readiness** is deliberately simple: customers paying at the book's last command who
   expanded in the trailing `READINESS_WINDOW_DAYS` days, ranked by the number of expansion
   movements in the window, then the expansion amount, then the most recent one — an account that
@@ -27,7 +28,7 @@ Every number has a page of its own (`trail_url`, `period_url`, `cohort_url`, `cu
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
@@ -38,6 +39,7 @@ from billing.money import RoundingMode, round_money, round_to_places
 from billing.persistence import CustomerView, Engine, StoredCommand, SubscriptionView, display_url
 from billing.records import CONTRACTION_SUBTYPES, EXPANSION_SUBTYPES, CreditNote, Invoice, MrrMovement
 from billing.scenario import Settings
+from expansion.cohorts import CohortTable
 from expansion.metrics import CalendarPeriod, MrrHistory, calendar_periods, compute_metrics, effective
 from expansion.trace import (
     MOVEMENT_TYPES,
@@ -80,6 +82,7 @@ class ReportData:
     subscriptions: tuple[SubscriptionView, ...]
     first_at: datetime | None  # the book's first and last command
     last_at: datetime | None
+    cohort_table: CohortTable | None = None  # expansion.cohorts' table; None for an empty ledger
 
 
 def load_report_data(engine: Engine) -> ReportData:
@@ -87,6 +90,7 @@ def load_report_data(engine: Engine) -> ReportData:
     commands, invoices, credit notes) and the current customers and subscriptions."""
     from billing import service
     from billing.persistence.audit import audit_reader
+    from expansion.cohorts import cohort_table
     from expansion.trace import book_settings
 
     settings = book_settings(engine)
@@ -108,6 +112,7 @@ def load_report_data(engine: Engine) -> ReportData:
         subscriptions=tuple(service.list_subscriptions(engine)),
         first_at=None if span is None else span[0],
         last_at=None if span is None else span[1],
+        cohort_table=cohort_table(engine) if pairs else None,
     )
 
 
@@ -186,51 +191,76 @@ def period_snapshot(history: MrrHistory, period: CalendarPeriod, settings: Setti
 
 @dataclass(frozen=True)
 class Cohort:
-    """Customers whose first MRR (`new`) fell in one month, and their MRR month by month."""
+    """One row of the cohort table (`expansion.cohorts.cohort_table`, in SQL) and the
+    customers behind it, so that each cell can show what it is made of.
+
+    The table's convention: a customer's cohort is the month of its first movement and its base is
+    its MRR at the end of that month; cell k is the cohort's MRR at the end of month cohort + k ÷
+    its base × 100 (net) or Σ min(MRR, base) ÷ base × 100 (gross). Amounts are summed per currency
+    and each sum valued at the rate in force at the end of the table's last month (constant
+    currency)."""
 
     month: CalendarPeriod
+    months: tuple[CalendarPeriod, ...]  # the cohort month .. the table's last month
     customers: tuple[str, ...]
-    values: tuple[Decimal, ...]  # reporting currency, at the end of month cohort + k
-    members: Mapping[str, tuple[Decimal, ...]] = field(default_factory=dict)
+    currency: Mapping[str, str]
+    native: Mapping[str, tuple[Decimal, ...]]  # customer -> its MRR at the end of each month
+    valued: tuple[Decimal, ...]  # the cohort's MRR at the end of each month, reporting currency
+    kept: tuple[Decimal, ...]  # Σ min(MRR, base), reporting currency
+    net: tuple[str | None, ...]  # the table's net retention, % (what the report shows)
+    gross: tuple[str | None, ...]
+    paying: tuple[int, ...]
     rounding: RoundingMode = "half_up"
 
     @property
-    def retention(self) -> tuple[Decimal | None, ...]:
-        """Net MRR retention: value_k ÷ value_0 × 100 (None when the cohort ended its first
-        month at 0)."""
-        base = self.values[0] if self.values else Decimal(0)
-        if not base:
-            return tuple(None for _ in self.values)
-        return tuple(round_to_places(Fraction(v) / Fraction(base) * 100, 2, self.rounding) for v in self.values)
+    def base(self) -> Decimal:
+        return self.valued[0] if self.valued else Decimal(0)
+
+    def recomputed(self, values: Sequence[Decimal]) -> tuple[str | None, ...]:
+        """values ÷ base × 100 from the customers above (equal to the table's, which the tests
+        check)."""
+        if not self.base:
+            return tuple(None for _ in values)
+        return tuple(str(round_to_places(Fraction(v) / Fraction(self.base) * 100, 2, self.rounding))
+                     for v in values)
 
 
-def cohort_table(
-    movements: Sequence[MrrMovement], history: MrrHistory, months: Sequence[CalendarPeriod], settings: Settings,
-    fx: FxRate,
+def cohort_rows(
+    table: CohortTable, movements: Sequence[MrrMovement], history: MrrHistory, months: Sequence[CalendarPeriod],
+    settings: Settings, fx: FxRate,
 ) -> list[Cohort]:
-    """The cohort table: signup month × months since, net MRR retention (see the module doc)."""
-    signup: dict[str, int] = {}
-    for m in sorted(movements, key=lambda m: m.id):
-        if m.type == "new" and m.customer not in signup:
-            for i, month in enumerate(months):
-                if month.start <= m.at < month.end:
-                    signup[m.customer] = i
-                    break
+    """Each row of the cohort table with its customers' MRR month by month."""
+    index = {month.label: i for i, month in enumerate(months)}
+    first: dict[str, str] = {}
+    for m in sorted(movements, key=lambda m: (m.at, m.id)):
+        if m.customer not in first:
+            first[m.customer] = next(p.label for p in months if p.start <= m.at < p.end)
+    valued_at = months[-1].end - timedelta(microseconds=1)
+    rep = settings.reporting_currency
+
+    def value(by_currency: Mapping[str, Decimal]) -> Decimal:
+        return sum((v if cur == rep else round_money(Fraction(v) * fx(cur, valued_at), rep, settings.rounding)
+                    for cur, v in by_currency.items() if v), Decimal(0))
+
     out = []
-    for i, month in enumerate(months):
-        members = [c for c, j in signup.items() if j == i]
-        if not members:
-            continue
-        per_member: dict[str, tuple[Decimal, ...]] = {}
-        for customer in members:
-            cur = history.currency[customer]
-            per_member[customer] = tuple(
-                _converted(history.before(customer, later.end), cur, later.end - timedelta(microseconds=1),
-                           settings, fx)
-                for later in months[i:]
-            )
-        values = tuple(sum((per_member[c][k] for c in members), Decimal(0)) for k in range(len(months) - i))
-        out.append(Cohort(month, tuple(members), values, per_member, settings.rounding))
+    for row in table.cohorts:
+        start = index[row.cohort]
+        span = tuple(months[start:])
+        members = tuple(c for c, label in first.items() if label == row.cohort)
+        native = {c: tuple(history.before(c, month.end) for month in span) for c in members}
+        valued, kept = [], []
+        for k in range(len(span)):
+            totals: dict[str, Decimal] = {}
+            floors: dict[str, Decimal] = {}
+            for c in members:
+                cur = history.currency[c]
+                totals[cur] = totals.get(cur, Decimal(0)) + native[c][k]
+                floors[cur] = floors.get(cur, Decimal(0)) + min(native[c][k], native[c][0])
+            valued.append(value(totals))
+            kept.append(value(floors))
+        out.append(Cohort(months[start], span, members, {c: history.currency[c] for c in members}, native,
+                          tuple(valued), tuple(kept), tuple(row.net), tuple(row.gross), tuple(row.paying),
+                          settings.rounding))
     return out
 
 
@@ -347,7 +377,8 @@ def build_model(data: ReportData) -> ReportModel:
         periods=periods,
         trails=trails,
         snapshots=snapshots,
-        cohorts=cohort_table(counted, history, periods["month"], settings, fx),
+        cohorts=cohort_rows(data.cohort_table, counted, history, periods["month"], settings, fx)
+        if data.cohort_table is not None else [],
         ready=readiness(counted, history, data.customers, data.subscriptions, data.last_at),
         traces=_traces(data),
         slugs=slugs,

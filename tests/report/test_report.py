@@ -92,12 +92,18 @@ def test_cohorts_and_readiness(model: ReportModel) -> None:
     cohorts = {c.month.label: c for c in model.cohorts}
     assert list(cohorts) == ["2026-01", "2026-02", "2026-03", "2026-09", "2026-10"]
     assert cohorts["2026-01"].customers == ("acme", "bistro-berlin", "kite-agency", "hooli")
-    assert cohorts["2026-09"].customers == ("initech",)
-    # initech pays GBP 79.00: 100.33 USD at 1.27, then 98.75 at 1.25 from Oct 15
-    assert [str(v) for v in cohorts["2026-09"].values[:3]] == ["100.33", "98.75", "98.75"]
-    assert [str(r) for r in cohorts["2026-09"].retention[:2]] == ["100.00", "98.43"]
+    # the cells are expansion.cohorts' table; the customers behind each row sum to them
+    for cohort in model.cohorts:
+        assert cohort.recomputed(cohort.valued) == cohort.net
+        assert cohort.recomputed(cohort.kept) == cohort.gross
+    # constant currency: initech's GBP 79.00 valued at 1.25, the rate at the end of 2027-01
+    initech = cohorts["2026-09"]
+    assert (initech.customers, str(initech.base), initech.net[:2]) == (("initech",), "98.75", ("100.00", "100.00"))
     # the October cohort: 2 seats × 50.00 at signup, 5 seats by the end of October
-    assert [str(v) for v in cohorts["2026-10"].values] == ["250.00", "250.00", "250.00", "250.00"]
+    assert [str(v) for v in cohorts["2026-10"].native[HOSTILE]] == ["250.00", "250.00", "250.00", "250.00"]
+    january = cohorts["2026-01"]
+    assert (str(january.base), january.net[2], january.gross[4], january.paying[4]) == (
+        "1198.68", "183.43", "91.74", 3)  # May: hooli churned (0 of its 99.00 kept)
     assert [(r.customer, r.expansions, str(r.amount), r.seats) for r in model.ready] == [
         ("acme", 1, "500.00", 35), (HOSTILE, 1, "150.00", 5)]
 
