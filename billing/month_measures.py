@@ -12,6 +12,7 @@ moved in m). Customer c's contribution q_c(m) to a measure:
 | accounts, activated | [expansions in m > 0], [S > 0 and expansions in m > 0] |
 | lost_a | [S > 0]·min(lost in m, S) — the event-sum GRR's loss |
 | ttm_f:CUR, ttm_g:CUR, ttm_h:CUR | [L(m−12) > 0]·L(m), min(L(m−12), L(m)), L(m−12) in the customer's currency |
+| cohort_net:C:CUR, …_kept, …_base, …_paying | for m ≥ C (signup month), B = L(C): L(m), min(L(m), B), B, [L(m) > 0] |
 
 As a function of m, q_c is piecewise constant: it changes only in a month where the customer
 moved, the month after, twelve months after, or where an exchange rate changes (the book's
@@ -42,6 +43,7 @@ from billing.scenario import Settings
 LEVEL_MEASURES = ("starting", "ending", "payers_start", "payers_end", "a_end", "a_min", "accounts", "activated",
                   "lost_a")
 TTM_MEASURES = ("ttm_f", "ttm_g", "ttm_h")
+COHORT_MEASURES = ("cohort_net", "cohort_kept", "cohort_base", "cohort_paying")
 
 
 @dataclass(frozen=True)
@@ -85,20 +87,25 @@ class Conversion:
         return int(round_to_places(amount * factor, 0, self.settings.rounding))
 
 
-def _measures(currency: str) -> tuple[str, ...]:
-    return (*LEVEL_MEASURES, *(f"{name}:{currency}" for name in TTM_MEASURES))
+def _measures(currency: str, cohort: int | None) -> tuple[str, ...]:
+    names = (*LEVEL_MEASURES, *(f"{name}:{currency}" for name in TTM_MEASURES))
+    if cohort is None:
+        return names
+    return (*names, *(f"{name}:{cohort}:{currency}" for name in COHORT_MEASURES))
 
 
 class _Customer:
     """One customer's rows, for evaluating its contributions month by month."""
 
-    def __init__(self, rows: Sequence[MonthRow], currency: str, conversion: Conversion, before: int) -> None:
+    def __init__(self, rows: Sequence[MonthRow], currency: str, conversion: Conversion, before: int,
+                 first: MonthRow | None) -> None:
         self.months = [row.month for row in rows]
         self.ends = [row.mrr_end for row in rows]
         self.rows = {row.month: row for row in rows}
         self.currency = currency
         self.conversion = conversion
         self.before = before
+        self.first = first
 
     def level(self, month: int) -> int:
         """MRR at the end of `month`: the latest row at or before it, else the level before."""
@@ -106,7 +113,7 @@ class _Customer:
         return self.ends[i - 1] if i else self.before
 
     def values(self, month: int) -> tuple[int, ...]:
-        """q_c(month), in the order of `_measures(currency)`."""
+        """q_c(month), in the order of `_measures(currency, cohort)`."""
         s = self.level(month - 1)
         e = self.level(month)
         then = self.level(month - 12)
@@ -116,27 +123,43 @@ class _Customer:
         start = self.conversion.convert(self.currency, month, s, end=False)
         end = self.conversion.convert(self.currency, month, e, end=True)
         member = start > 0
-        return (
+        out = (
             start, end, int(member), int(end > 0),
             end if member else 0, min(start, end) if member else 0,
             int(expansions > 0), int(member and expansions > 0), min(lost, start) if member else 0,
             e if then > 0 else 0, min(then, e), then,
         )
+        if self.first is None:
+            return out
+        if month < self.first.month:
+            return (*out, 0, 0, 0, 0)
+        base = self.first.mrr_end
+        return (*out, e, min(e, base), base, int(e > 0))
+
+
+def _first(rows: Sequence[MonthRow], first: MonthRow | None, before: int) -> MonthRow | None:
+    """The customer's first row: given, or the first of `rows` when they start from nothing."""
+    if first is not None:
+        return next((row for row in rows if row.month == first.month), first)
+    return rows[0] if rows and before == 0 else None
 
 
 def contribution(rows: Sequence[MonthRow], currency: str, month: int, conversion: Conversion,
-                 before: int = 0) -> dict[str, int]:
+                 before: int = 0, first: MonthRow | None = None) -> dict[str, int]:
     """q_c(month) for every measure (see the module docstring); `before` is the level before the
-    first row given."""
-    values = _Customer(rows, currency, conversion, before).values(month)
-    return dict(zip(_measures(currency), values, strict=True))
+    first row given, `first` the customer's first row if `rows` do not start with it."""
+    start = _first(rows, first, before)
+    values = _Customer(rows, currency, conversion, before, start).values(month)
+    return dict(zip(_measures(currency, start.month if start else None), values, strict=True))
 
 
 def differences(rows: Sequence[MonthRow], currency: str, since: int, conversion: Conversion,
-                before: int = 0) -> dict[tuple[str, int], int]:
+                before: int = 0, first: MonthRow | None = None) -> dict[tuple[str, int], int]:
     """The difference-array entries of one customer's contributions from month `since` on:
     D(since) = q(since), and at each later breakpoint the change of q. `rows` must hold every row
-    from `since − 12` on; `before` is the level before the first of them."""
+    from `since − 12` on; `before` is the level before the first of them and `first` the
+    customer's first row when `rows` do not start with it."""
+    start = _first(rows, first, before)
     points = {since}
     for row in rows:
         for month in (row.month, row.month + 1, row.month + 12):
@@ -144,8 +167,8 @@ def differences(rows: Sequence[MonthRow], currency: str, since: int, conversion:
                 points.add(month)
     if currency != conversion.reporting:
         points.update(b for b in conversion.breaks if b > since)
-    customer = _Customer(rows, currency, conversion, before)
-    names = _measures(currency)
+    customer = _Customer(rows, currency, conversion, before, start)
+    names = _measures(currency, start.month if start else None)
     out: dict[tuple[str, int], int] = {}
     previous = (0,) * len(names)
     for month in sorted(points):
@@ -158,10 +181,11 @@ def differences(rows: Sequence[MonthRow], currency: str, since: int, conversion:
 
 
 def change(old: Sequence[MonthRow], new: Sequence[MonthRow], currency: str, since: int, conversion: Conversion,
-           before: int = 0) -> dict[tuple[str, int], int]:
+           before: int = 0, first: MonthRow | None = None) -> dict[tuple[str, int], int]:
     """What to add to the difference arrays when a customer's rows go from `old` to `new`, the
-    two being equal before month `since`."""
-    out = differences(new, currency, since, conversion, before)
-    for key, value in differences(old, currency, since, conversion, before).items():
+    two being equal before month `since` (`first`: the customer's first row as stored, if the rows
+    do not reach back to it)."""
+    out = differences(new, currency, since, conversion, before, first)
+    for key, value in differences(old, currency, since, conversion, before, first).items():
         out[key] = out.get(key, 0) - value
     return {key: value for key, value in out.items() if value}

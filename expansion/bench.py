@@ -371,8 +371,10 @@ def run(url: str, movements: int, *, seed: int = 7) -> dict[str, Any]:
         started = time.perf_counter()
         metrics = metric_set(engine, period="month")
         metrics_done = time.perf_counter()
+        metrics_rss = _peak_rss_mb()
         cohorts = cohort_table(engine)
         cohorts_done = time.perf_counter()
+        cohorts_rss = _peak_rss_mb()
         trail = trace_metric(engine, "expansion", str(metrics.rows[-1]["period"]))
         trace_done = time.perf_counter()
     finally:
@@ -393,6 +395,13 @@ def run(url: str, movements: int, *, seed: int = 7) -> dict[str, Any]:
         "metrics_seconds": round(metrics_done - started, 3),
         "cohorts_seconds": round(cohorts_done - metrics_done, 3),
         "trace_seconds": round(trace_done - cohorts_done, 3),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb_after_metrics": metrics_rss,
+        "peak_rss_mb_after_cohorts": cohorts_rss,
         "build_peak_rss_mb": round(build_rss, 1),
     }
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident set so far (Linux reports KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -8,9 +8,10 @@ the end of that month. For cohort c and k = 0, 1, 2, … months since:
   exceeds 100: expansion above the base does not count, contraction and churn do);
 - customers(c, k) = customers of the cohort with MRR > 0 at the end of month c + k.
 
-The database sums each customer's month-to-month changes of MRR, of min(MRR, base) and of
-[MRR > 0] per (cohort, currency, month) and accumulates them with window functions; no query
-touches a customer more than once per month it moved. Amounts in other currencies are valued at
+The database accumulates, per (cohort, currency), the month-to-month changes of MRR, of
+min(MRR, base) and of [MRR > 0] that every entry maintains (`billing.month_measures`), with a
+window function; `fast=False` computes the same from the monthly snapshots (one row per customer
+and month it moved). Amounts in other currencies are valued at
 the rate in force at the end of the table's last month (constant currency, so the cells show
 retention and not exchange rates).
 """
@@ -19,10 +20,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 from billing.periods import month_start
 from billing.persistence import Engine
-from billing.persistence.sql_reader import read_ledger
+from billing.persistence.sql_reader import SqlReader, read_ledger
 from expansion.sqlkit import convert_minor, load_book, parse_period, period_label
 
 COHORTS = """
@@ -74,9 +76,42 @@ class CohortTable:
                 "cohorts": [c.to_json() for c in self.cohorts]}
 
 
-def cohort_table(engine: Engine, *, first: str | None = None, last: str | None = None) -> CohortTable:
+MAINTAINED = """
+SELECT measure, month, SUM(amount) OVER (PARTITION BY measure ORDER BY month ROWS UNBOUNDED PRECEDING)
+FROM mrr_month_measures WHERE measure LIKE 'cohort%' AND month <= :m_last ORDER BY measure, month
+"""
+
+
+def _maintained(reader: SqlReader, m_last: int, c_first: int, c_last: int) -> list[tuple[Any, ...]]:
+    """The same rows as COHORTS, from the cohort measures maintained with every entry
+    (`billing.month_measures`): (cohort, currency, month, net, kept, base, paying) running."""
+    series: dict[tuple[int, str], dict[str, list[tuple[int, int]]]] = {}
+    for measure, month, value in reader.rows(MAINTAINED, {"m_last": m_last}):
+        name, signup, currency = str(measure).split(":")
+        if c_first <= int(signup) <= c_last:
+            series.setdefault((int(signup), currency), {}).setdefault(name, []).append((int(month), int(value)))
+    out: list[tuple[Any, ...]] = []
+    names = ("cohort_net", "cohort_kept", "cohort_base", "cohort_paying")
+    for (cohort, currency), by_name in sorted(series.items()):
+        months = sorted({m for points in by_name.values() for m, _ in points})
+        for month in months:
+            values = []
+            for name in names:
+                value = 0
+                for m, v in by_name.get(name, ()):
+                    if m > month:
+                        break
+                    value = v
+                values.append(value)
+            out.append((cohort, currency, month, *values))
+    return out
+
+
+def cohort_table(engine: Engine, *, first: str | None = None, last: str | None = None,
+                 fast: bool = True) -> CohortTable:
     """Net and gross MRR retention for signup months `first`..`last` (default: every cohort),
-    measured to the ledger's last month."""
+    measured to the ledger's last month: from the cohort measures maintained with every entry,
+    or with `fast=False` aggregated from the monthly snapshots (the two agree: a test checks it)."""
     with read_ledger(engine) as reader:
         book = load_book(reader)
         if book.first_month is None or book.last_month is None:
@@ -84,7 +119,10 @@ def cohort_table(engine: Engine, *, first: str | None = None, last: str | None =
         c_first = parse_period("month", first) if first is not None else book.first_month
         c_last = parse_period("month", last) if last is not None else book.last_month
         m_last = book.last_month
-        rows = reader.rows(COHORTS, {"m_last": m_last, "c_first": c_first, "c_last": c_last})
+        if fast:
+            rows = _maintained(reader, m_last, c_first, c_last)
+        else:
+            rows = reader.rows(COHORTS, {"m_last": m_last, "c_first": c_first, "c_last": c_last})
     at = month_start(m_last + 1) - timedelta(microseconds=1)
 
     def value(currency: str, minor: int) -> int:

@@ -282,7 +282,7 @@ FROM dv GROUP BY seg, currency, t
 MONTHLY_FLOWS = "SELECT month, type, subtype, amount FROM mrr_month_flows WHERE month >= :m_lo AND month < :m_hi"
 MONTHLY_MEASURES = """
 SELECT measure, month, SUM(amount) OVER (PARTITION BY measure ORDER BY month ROWS UNBOUNDED PRECEDING)
-FROM mrr_month_measures WHERE month < :m_hi ORDER BY measure, month
+FROM mrr_month_measures WHERE month < :m_hi AND measure NOT LIKE 'cohort%' ORDER BY measure, month
 """
 
 

@@ -399,6 +399,7 @@ class LedgerRepository:
         names = sorted(by_customer)
         stored: dict[str, list[MonthRow]] = {name: [] for name in names}
         before: dict[str, int] = {}
+        firsts: dict[str, MonthRow] = {}
         for start in range(0, len(names), 500):
             chunk = names[start : start + 500]
             query = (
@@ -420,6 +421,16 @@ class LedgerRepository:
                 select(CustomerMonthRow.customer, CustomerMonthRow.mrr_end).join(newest, same)
             ):
                 before[customer] = level
+            oldest = (
+                select(CustomerMonthRow.customer, func.min(CustomerMonthRow.month).label("month"))
+                .where(CustomerMonthRow.customer.in_(chunk))
+                .group_by(CustomerMonthRow.customer)
+                .subquery()
+            )
+            same = and_(oldest.c.customer == CustomerMonthRow.customer, oldest.c.month == CustomerMonthRow.month)
+            for found in self.session.scalars(select(CustomerMonthRow).join(oldest, same)):
+                firsts[found.customer] = MonthRow(found.month, found.mrr_start, found.mrr_end, found.expansions,
+                                                  found.lost)
         settings = self.session.scalar(select(BookStateRow.settings))
         conversion = Conversion(Settings.model_validate(settings) if settings is not None else Settings())
         inserts: list[dict[str, Any]] = []
@@ -440,7 +451,8 @@ class LedgerRepository:
                 elif known[month_row.month] != month_row:
                     updates.append(values)
             since = min(entry["month"] for entry in entries)
-            for key, value in change(old, new, currency, since, conversion, before.get(customer, 0)).items():
+            moved = change(old, new, currency, since, conversion, before.get(customer, 0), firsts.get(customer))
+            for key, value in moved.items():
                 measures[key] = measures.get(key, 0) + value
         if inserts:
             self.session.execute(insert(CustomerMonthRow), inserts)

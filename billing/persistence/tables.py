@@ -246,6 +246,7 @@ class MovementRow(Base):
         Index("ix_mrr_movements_idempotency_key", "idempotency_key", unique=True),
         Index("ix_mrr_movements_reverses", "reverses", unique=True),
         Index("ix_mrr_movements_month", "month"),
+        Index("ix_mrr_movements_at", "at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)

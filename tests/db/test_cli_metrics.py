@@ -108,9 +108,11 @@ def test_bench_metrics_json(run: Run, db: Db) -> None:
         assert figures[key] > 0, key
     assert figures["periods"] == 60 and figures["customers"] > 300
     # the maintained monthly tables the bench writes agree with the aggregation of its ledger
+    from expansion.cohorts import cohort_table
     from expansion.ledger import metric_set
 
     assert metric_set(db.engine).rows == metric_set(db.engine, fast=False).rows
+    assert cohort_table(db.engine).to_json() == cohort_table(db.engine, fast=False).to_json()
     again = run("bench", "metrics", "--movements", "10", "--db", db.url)
     assert "empty database" in again.stderr and again.exit_code != 0
 

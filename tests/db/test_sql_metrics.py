@@ -15,6 +15,7 @@ from dbkit import Db
 from billing import service
 from billing.periods import month_index
 from billing.scenario import Scenario, parse_scenario_text
+from expansion.cohorts import cohort_table
 from expansion.ledger import metric_set, scenario_view
 from expansion.metrics import compute_metrics
 from expansion.sqlkit import MONTHS_IN, period_label
@@ -50,6 +51,7 @@ def test_sql_metric_set_equals_the_replay_and_segments_bridge(db: Db, path: Path
     whole = {row["period"]: row for row in metric_set(db.engine, first=first, last=last).rows}
     # the maintained monthly tables and the aggregation of the ledger agree on every figure
     assert list(whole.values()) == metric_set(db.engine, first=first, last=last, fast=False).rows
+    assert cohort_table(db.engine).to_json() == cohort_table(db.engine, fast=False).to_json()
     single_currency = {m.currency for m in result.movements} <= {scenario.settings.reporting_currency}
     for by in ("plan", "product", "currency", "cohort", "tag:segment", "subtype"):
         rows = metric_set(db.engine, first=first, last=last, by=by, ttm=False).rows
@@ -109,6 +111,7 @@ def test_a_reversal_nets_to_zero_in_the_sql_metric_set(db: Db) -> None:
     expected = compute_metrics([m for m in movements if m.id != expansion.id], scenario.settings,
                                scenario.events[0].at, scenario.events[-1].at)
     assert metric_set(db.engine).rows == metric_set(db.engine, fast=False).rows
+    assert cohort_table(db.engine).to_json() == cohort_table(db.engine, fast=False).to_json()
     for kind in ("month", "quarter", "year"):
         first, last = label_range(scenario, kind)
         rows = metric_set(db.engine, period=kind, first=first, last=last).rows

@@ -66,6 +66,7 @@ def upgrade() -> None:
     op.create_index("ix_mrr_movements_idempotency_key", "mrr_movements", ["idempotency_key"], unique=True)
     op.create_index("ix_mrr_movements_reverses", "mrr_movements", ["reverses"], unique=True)
     op.create_index("ix_mrr_movements_month", "mrr_movements", ["month"])
+    op.create_index("ix_mrr_movements_at", "mrr_movements", ["at"])  # time ranges (trace, reconcile)
 
     op.create_table(
         "mrr_movement_legs",
@@ -123,6 +124,7 @@ def downgrade() -> None:
     op.drop_index("ix_customer_mrr_months_month", table_name="customer_mrr_months")
     op.drop_table("customer_mrr_months")
     op.drop_table("mrr_movement_legs")
+    op.drop_index("ix_mrr_movements_at", table_name="mrr_movements")
     op.drop_index("ix_mrr_movements_month", table_name="mrr_movements")
     op.drop_index("ix_mrr_movements_reverses", table_name="mrr_movements")
     op.drop_index("ix_mrr_movements_idempotency_key", table_name="mrr_movements")

@@ -1,0 +1,84 @@
+"""The monthly measures' difference arrays (billing.month_measures): a customer's contribution to
+every measure month by month, and the entries that add up to it."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from billing.month_measures import Conversion, MonthRow, change, contribution, differences
+from billing.scenario import Settings
+
+JAN = 2026 * 12
+USD = Conversion(Settings())
+EUR = Conversion(Settings.model_validate({"fx_rates": [
+    {"currency": "EUR", "rate": "1.10", "from": "2026-01-01"},
+    {"currency": "EUR", "rate": "1.20", "from": "2026-03-15"},
+]}))
+
+
+def accumulated(entries: dict[tuple[str, int], int], measure: str, month: int) -> int:
+    return sum(v for (name, m), v in entries.items() if name == measure and m <= month)
+
+
+def test_a_customer_who_starts_grows_and_churns() -> None:
+    """$100 from January, $150 from March (an expansion), gone in May."""
+    rows = [MonthRow(JAN, 0, 10000), MonthRow(JAN + 2, 10000, 15000, expansions=1),
+            MonthRow(JAN + 4, 15000, 0, lost=15000)]
+    entries = differences(rows, "USD", JAN, USD)
+    table = {m - JAN: {k: accumulated(entries, k, m) for k in ("starting", "ending", "a_end", "a_min", "accounts",
+                                                                "activated", "lost_a", "payers_end")}
+             for m in range(JAN, JAN + 6)}
+    assert table[0] == {"starting": 0, "ending": 10000, "a_end": 0, "a_min": 0, "accounts": 0, "activated": 0,
+                        "lost_a": 0, "payers_end": 1}
+    assert table[1] == {"starting": 10000, "ending": 10000, "a_end": 10000, "a_min": 10000, "accounts": 0,
+                        "activated": 0, "lost_a": 0, "payers_end": 1}
+    assert table[2] == {"starting": 10000, "ending": 15000, "a_end": 15000, "a_min": 10000, "accounts": 1,
+                        "activated": 1, "lost_a": 0, "payers_end": 1}
+    assert table[4] == {"starting": 15000, "ending": 0, "a_end": 0, "a_min": 0, "accounts": 0, "activated": 0,
+                        "lost_a": 15000, "payers_end": 0}
+    assert table[5]["starting"] == 0
+    # twelve months on, the customer counts in the trailing-twelve-month base from January's end
+    assert accumulated(entries, "ttm_h:USD", JAN + 12) == 10000
+    assert accumulated(entries, "ttm_f:USD", JAN + 12) == 0  # churned by then
+
+
+def test_conversions_follow_the_rates_each_month_at_its_first_and_last_instant() -> None:
+    rows = [MonthRow(JAN, 0, 9999)]
+    entries = differences(rows, "EUR", JAN, EUR)
+    # January ends at 1.10; March starts at 1.10 and ends at 1.20 (the rate from the 15th)
+    assert [accumulated(entries, "ending", JAN + k) for k in range(4)] == [10999, 10999, 11999, 11999]
+    assert [accumulated(entries, "starting", JAN + k) for k in range(1, 5)] == [10999, 10999, 11999, 11999]
+    assert contribution(rows, "EUR", JAN + 2, EUR)["a_min"] == 10999
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 30), st.integers(-5000, 5000)), min_size=1, max_size=12),
+       st.integers(0, 30))
+def test_the_difference_arrays_add_up_to_the_contributions(changes: list[tuple[int, int]], since: int) -> None:
+    """Random histories: the entries from any month on, accumulated, give the contribution of
+    every later month, and `change` between two histories is the difference of their entries."""
+    rows: list[MonthRow] = []
+    level = 0
+    for offset, delta in sorted(changes):
+        month = JAN + offset
+        delta = max(delta, -level)
+        if rows and rows[-1].month == month:
+            rows[-1] = MonthRow(month, rows[-1].mrr_start, level + delta)
+        else:
+            rows.append(MonthRow(month, level, level + delta, expansions=int(delta > 0)))
+        level += delta
+    full = differences(rows, "EUR", JAN - 1, EUR)
+    for month in range(JAN - 1, JAN + 45):
+        expected = contribution(rows, "EUR", month, EUR)
+        assert {k: accumulated(full, k, month) for k in expected} == expected
+    start = JAN + since
+    tail = differences(rows, "EUR", start, EUR)  # from `start` on only
+    for month in range(start, JAN + 45):
+        expected = contribution(rows, "EUR", month, EUR)
+        assert {k: accumulated(tail, k, month) for k in expected} == expected
+    grown = [*rows[:-1], MonthRow(rows[-1].month, rows[-1].mrr_start, rows[-1].mrr_end + 700)]
+    moved = change(rows, grown, "EUR", rows[-1].month, EUR)
+    for month in range(rows[-1].month, JAN + 45):
+        for measure, value in contribution(grown, "EUR", month, EUR).items():
+            assert accumulated(full, measure, month) + accumulated(moved, measure, month) == value
