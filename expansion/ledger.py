@@ -62,7 +62,7 @@ from billing.persistence.sql_reader import SqlReader, read_ledger
 from billing.records import EXPANSION_SUBTYPES
 from expansion.sqlkit import (
     MONTHS_IN,
-    Book,
+    LedgerBook,
     Segmentation,
     compose,
     conversion,
@@ -314,8 +314,9 @@ class LedgerMetrics:
 
     def __init__(self, reader: SqlReader) -> None:
         self.reader = reader
-        self.book: Book = load_book(reader)
+        self.book: LedgerBook = load_book(reader)
         self._temp: list[str] = []
+        self._legs: dict[str, str] = {}  # allocated legs per segmentation, as temporary tables
 
     def range(self, period: str, first: str | None, last: str | None) -> tuple[int, int]:
         k = MONTHS_IN[period]
@@ -398,6 +399,7 @@ class LedgerMetrics:
         for name in self._temp:
             self.reader.execute(compose("DROP TABLE IF EXISTS {name}", name=name))
         self._temp = []
+        self._legs = {}
 
     def monthly_base(self, seg: Segmentation, params: dict[str, object]) -> str:
         """SQL of per-(segment, customer) monthly levels: seg, customer, currency, month,
@@ -409,13 +411,11 @@ class LedgerMetrics:
         return compose(SNAPSHOT_BASE, seg=expr, join=join)
 
     def allocated_legs(self, seg: Segmentation, params: dict[str, object]) -> str:
-        key = f"legs:{seg.kind}:{params['m_hi']}"
-        cached = getattr(self, "_legs_cache", {})
-        if key not in cached:
+        key = f"{seg.kind}:{params['m_hi']}"
+        if key not in self._legs:
             column = "plan" if seg.kind == "plan" else "product"
-            cached[key] = self.temporary(compose(LEGS_ALLOCATED, column=column), {"m_hi": params["m_hi"]})
-            self._legs_cache = cached
-        return str(cached[key])
+            self._legs[key] = self.temporary(compose(LEGS_ALLOCATED, column=column), {"m_hi": params["m_hi"]})
+        return self._legs[key]
 
     def levels(self, seg: Segmentation, k: int, params: dict[str, object]) -> str:
         base = self.monthly_base(seg, params)
@@ -587,7 +587,7 @@ class Levels:
     lost_a: int
 
 
-def format_rows(book: Book, period: str, segment: str | None, p_first: int, p_last: int,
+def format_rows(book: LedgerBook, period: str, segment: str | None, p_first: int, p_last: int,
                 flows: dict[int, dict[str, int]], levels: dict[int, Levels] | None,
                 accounts_by_subtype: dict[int, int],
                 ttm_values: dict[int, tuple[str | None, str | None]]) -> list[dict[str, object]]:

@@ -87,7 +87,7 @@ def period_bounds(kind: str, p: int) -> tuple[datetime, datetime]:
 
 
 @dataclass(frozen=True)
-class Book:
+class LedgerBook:
     """What the SQL needs to know about the book: its settings and the time span of its ledger."""
 
     settings: Settings
@@ -119,7 +119,7 @@ class Book:
         return str(round_to_places(Fraction(numerator) / Fraction(denominator) * scale, 2, self.rounding))
 
 
-def load_book(reader: SqlReader) -> Book:
+def load_book(reader: SqlReader) -> LedgerBook:
     raw = reader.scalar("SELECT settings FROM book_state")
     if raw is None:
         raise LookupError("the database holds no book (load a catalog and apply commands first)")
@@ -128,7 +128,7 @@ def load_book(reader: SqlReader) -> Book:
     lo, hi = reader.rows("SELECT MIN(month), MAX(month) FROM mrr_movements")[0]
     months = [m for m in (lo, hi) if m is not None]
     months += [month_index(_instant(at)) for at in (first_at, last_at) if at is not None]
-    return Book(settings, min(months) if months else None, max(months) if months else None)
+    return LedgerBook(settings, min(months) if months else None, max(months) if months else None)
 
 
 def _instant(value: object) -> datetime:
@@ -165,7 +165,7 @@ def factor(settings: Settings, currency: str, at: datetime) -> Fraction | None:
     return rate * Fraction(10) ** (minor_units(settings.reporting_currency) - minor_units(currency))
 
 
-def conversion(book: Book, currencies: list[str], kind: str, p_lo: int, p_hi: int,
+def conversion(book: LedgerBook, currencies: list[str], kind: str, p_lo: int, p_hi: int,
                *, level: str, currency: str, period: str, at: Literal["start", "end"],
                params: dict[str, object]) -> str:
     """SQL converting `level` (minor units of the row's `currency`) to reporting minor units at
@@ -190,7 +190,7 @@ def conversion(book: Book, currencies: list[str], kind: str, p_lo: int, p_hi: in
     return "(CASE " + " ".join(branches) + " END)"
 
 
-def convert_minor(book: Book, currency: str, at: datetime, minor: int) -> int:
+def convert_minor(book: LedgerBook, currency: str, at: datetime, minor: int) -> int:
     """Python counterpart of `conversion` for a handful of aggregates (raises without a rate)."""
     value = factor(book.settings, currency, at)
     if value is None:
