@@ -50,7 +50,7 @@ Where the numbers come from:
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from fractions import Fraction
@@ -339,7 +339,7 @@ class LedgerMetrics:
             if fast and period == "month" and seg.kind is None:
                 rows = self._monthly_rows(p_first, p_last, ttm=ttm)
             else:
-                rows = self._rows(period, seg, p_first, p_last, ttm=ttm)
+                rows = self._rows(period, seg, p_first, p_last, ttm=ttm, fast=fast)
         finally:
             self.drop_temporary()
         return MetricSet(period, period_label(period, p_first), period_label(period, p_last), seg.label,
@@ -350,40 +350,39 @@ class LedgerMetrics:
     def _monthly_rows(self, m_first: int, m_last: int, *, ttm: bool) -> list[dict[str, object]]:
         """Months of the whole book from `mrr_month_flows` and the difference arrays of
         `mrr_month_measures` (billing.month_measures), accumulated by the database."""
-        params = {"m_lo": m_first - 2, "m_hi": m_last + 1}
-        flows: dict[int, dict[str, int]] = {}
+        kept = self._maintained(m_first - 2, m_last + 1)
+        levels = {m: Levels(*(kept.value(name, m) for name in ("starting", "ending", "a_end", "a_min",
+                                                                "payers_start", "payers_end", "activated",
+                                                                "accounts", "lost_a")))
+                  for m in range(m_first, m_last + 1)}
+        ttm_values = self._maintained_ttm(kept, range(m_first, m_last + 1)) if ttm else {}
+        return format_rows(self.book, "month", None, m_first, m_last, kept.flows, levels, {}, ttm_values)
+
+    def _maintained(self, m_lo: int, m_hi: int) -> Maintained:
+        """The whole book's flows per month in [m_lo, m_hi) and its monthly measures up to m_hi."""
+        params = {"m_lo": m_lo, "m_hi": m_hi}
+        kept = Maintained()
         for month, type_, subtype, amount in self.reader.rows(MONTHLY_FLOWS, params):
-            cell = flows.setdefault(int(month), {})
+            cell = kept.flows.setdefault(int(month), {})
             cell[type_] = cell.get(type_, 0) + int(amount)
             if type_ == "expansion":
                 cell[f"expansion/{subtype}"] = cell.get(f"expansion/{subtype}", 0) + int(amount)
-        series: dict[str, list[tuple[int, int]]] = {}
         for measure, month, value in self.reader.rows(MONTHLY_MEASURES, params):
-            series.setdefault(str(measure), []).append((int(month), int(value)))
+            kept.series.setdefault(str(measure), []).append((int(month), int(value)))
+        return kept
 
-        def at(measure: str, month: int) -> int:
-            value = 0
-            for m, v in series.get(measure, ()):
-                if m > month:
-                    break
-                value = v
-            return value
-
-        levels = {m: Levels(*(at(name, m) for name in ("starting", "ending", "a_end", "a_min", "payers_start",
-                                                        "payers_end", "activated", "accounts", "lost_a")))
-                  for m in range(m_first, m_last + 1)}
-        ttm_values: dict[int, tuple[str | None, str | None]] = {}
-        if ttm:
-            currencies = sorted({name.split(":", 1)[1] for name in series if name.startswith("ttm_")})
-            for m in range(m_first, m_last + 1):
-                instant = period_bounds("month", m)[1] - timedelta(microseconds=1)
-                f = g = h = 0
-                for cur in currencies:
-                    f += self._convert(cur, instant, at(f"ttm_f:{cur}", m))
-                    g += self._convert(cur, instant, at(f"ttm_g:{cur}", m))
-                    h += self._convert(cur, instant, at(f"ttm_h:{cur}", m))
-                ttm_values[m] = (self.book.rate(f, h), self.book.rate(g, h))
-        return format_rows(self.book, "month", None, m_first, m_last, flows, levels, {}, ttm_values)
+    def _maintained_ttm(self, kept: Maintained, months: Iterable[int]) -> dict[int, tuple[str | None, str | None]]:
+        """Trailing-twelve-month NRR and GRR to the end of each month, from the TTM measures."""
+        out: dict[int, tuple[str | None, str | None]] = {}
+        for m in months:
+            instant = period_bounds("month", m)[1] - timedelta(microseconds=1)
+            f = g = h = 0
+            for cur in kept.currencies():
+                f += self._convert(cur, instant, kept.value(f"ttm_f:{cur}", m))
+                g += self._convert(cur, instant, kept.value(f"ttm_g:{cur}", m))
+                h += self._convert(cur, instant, kept.value(f"ttm_h:{cur}", m))
+            out[m] = (self.book.rate(f, h), self.book.rate(g, h))
+        return out
 
     # -- building blocks -----------------------------------------------------------------------
 
@@ -430,14 +429,23 @@ class LedgerMetrics:
 
     # -- the rows ------------------------------------------------------------------------------
 
-    def _rows(self, period: str, seg: Segmentation, p_first: int, p_last: int, *, ttm: bool) -> list[dict[str, object]]:
+    def _rows(self, period: str, seg: Segmentation, p_first: int, p_last: int, *, ttm: bool,
+              fast: bool = False) -> list[dict[str, object]]:
+        """Rows aggregated from the ledger and the snapshots; for the whole book with `fast`,
+        the flows and the trailing-twelve-month figures come from the maintained monthly tables
+        (a quarter's or year's retention and distinct accounts still need the snapshots)."""
         k = MONTHS_IN[period]
         p_lo = p_first - 1
         m_hi = (p_last + 1) * k
         m_lo = min(p_lo * k, p_first * k - 2)
         params: dict[str, object] = {"m_lo": m_lo, "m_hi": m_hi, "p_lo": p_lo, "p_hi": p_last,
                                      "rep": self.book.reporting_currency}
-        flows = self.flows(seg, params)
+        maintained = fast and seg.kind is None
+        if maintained:
+            kept = self._maintained(m_lo, m_hi)
+            flows = {("", month): cell for month, cell in kept.flows.items()}
+        else:
+            flows = self.flows(seg, params)
         levels_known = seg.kind != "subtype"
         reporting: dict[str, list[tuple[Any, ...]]] = {}
         foreign: dict[tuple[str, int], tuple[Any, ...]] = {}
@@ -462,7 +470,12 @@ class LedgerMetrics:
             expr = SUBTYPE
             for s, p, n in self.reader.rows(compose(SUBTYPE_ACCOUNTS, seg=expr, k=k), params):
                 accounts[(str(s), int(p))] = int(n)
-        ttm_values = self.ttm(seg, period, p_first, p_last, params) if ttm and levels_known else {}
+        ttm_values: dict[tuple[str, int], tuple[str | None, str | None]] = {}
+        if ttm and maintained:
+            by_month = self._maintained_ttm(kept, [(p + 1) * k - 1 for p in range(p_first, p_last + 1)])
+            ttm_values = {("", p): by_month[(p + 1) * k - 1] for p in range(p_first, p_last + 1)}
+        elif ttm and levels_known:
+            ttm_values = self.ttm(seg, period, p_first, p_last, params)
         segments = sorted({s for s, _ in flows} | set(reporting) | {s for s, _ in foreign} | {s for s, _ in accounts})
         if seg.kind is None:
             segments = [""]
@@ -568,6 +581,26 @@ class LedgerMetrics:
                            p_last, {m: cell for (s2, m), cell in flows.items() if s2 == s}, levels,
                            {p: n for (s2, p), n in accounts_by_subtype.items() if s2 == s},
                            {p: v for (s2, p), v in ttm_values.items() if s2 == s})
+
+
+@dataclass
+class Maintained:
+    """The whole book's monthly flows and accumulated monthly measures, as read."""
+
+    flows: dict[int, dict[str, int]] = field(default_factory=dict)
+    series: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # measure -> (month, value)
+
+    def value(self, measure: str, month: int) -> int:
+        """The measure at the end of `month`: its latest accumulated value up to it."""
+        value = 0
+        for m, v in self.series.get(measure, ()):
+            if m > month:
+                break
+            value = v
+        return value
+
+    def currencies(self) -> list[str]:
+        return sorted({name.split(":", 1)[1] for name in self.series if name.startswith("ttm_")})
 
 
 @dataclass(frozen=True)

@@ -47,10 +47,10 @@ def test_sql_metric_set_equals_the_replay_and_segments_bridge(db: Db, path: Path
         first, last = label_range(scenario, kind)
         metrics = metric_set(db.engine, period=kind, first=first, last=last)
         assert [scenario_view(row) for row in metrics.rows] == result.metrics[kind], kind
+        # the maintained monthly tables and the aggregation of the ledger agree on every figure
+        assert metrics.rows == metric_set(db.engine, period=kind, first=first, last=last, fast=False).rows, kind
     first, last = label_range(scenario, "month")
     whole = {row["period"]: row for row in metric_set(db.engine, first=first, last=last).rows}
-    # the maintained monthly tables and the aggregation of the ledger agree on every figure
-    assert list(whole.values()) == metric_set(db.engine, first=first, last=last, fast=False).rows
     assert cohort_table(db.engine).to_json() == cohort_table(db.engine, fast=False).to_json()
     single_currency = {m.currency for m in result.movements} <= {scenario.settings.reporting_currency}
     for by in ("plan", "product", "currency", "cohort", "tag:segment", "subtype"):
