@@ -57,10 +57,14 @@ class MonthRow:
 
 class Conversion:
     """Customer-currency minor units to reporting minor units at a month's first or last instant,
-    rounded per amount with the book's mode; and the months where a rate changes."""
+    rounded per amount with the book's mode; and the months where a rate changes. The book
+    refuses a movement it cannot convert, so a customer has MRR only where a rate is in force;
+    `strict=False` (the write path) counts an amount without a rate as 0 rather than failing a
+    command over a ledger written by other means."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, strict: bool = True) -> None:
         self.settings = settings
+        self.strict = strict
         self.reporting = settings.reporting_currency
         breaks: set[int] = set()
         for entry in settings.fx_rates:
@@ -83,6 +87,8 @@ class Conversion:
             return amount
         factor = self._factor(currency, month, end)
         if factor is None:
+            if not self.strict:
+                return 0
             raise MissingRate(f"no fx rate for {currency} in {self.reporting} in month {month}")
         return int(round_to_places(amount * factor, 0, self.settings.rounding))
 

@@ -432,7 +432,8 @@ class LedgerRepository:
                 firsts[found.customer] = MonthRow(found.month, found.mrr_start, found.mrr_end, found.expansions,
                                                   found.lost)
         settings = self.session.scalar(select(BookStateRow.settings))
-        conversion = Conversion(Settings.model_validate(settings) if settings is not None else Settings())
+        conversion = Conversion(Settings.model_validate(settings) if settings is not None else Settings(),
+                                strict=False)
         inserts: list[dict[str, Any]] = []
         updates: list[dict[str, Any]] = []
         measures: dict[tuple[str, int], int] = {}

@@ -212,7 +212,7 @@ def _backfill_legs_and_snapshots(bind: sa.engine.Connection) -> None:
         catalog = json.loads(catalog)
     if isinstance(raw_settings, str):
         raw_settings = json.loads(raw_settings)
-    conversion = Conversion(Settings.model_validate(raw_settings) if raw_settings else Settings())
+    conversion = Conversion(Settings.model_validate(raw_settings) if raw_settings else Settings(), strict=False)
     products = {plan["code"]: plan.get("product", "core") for plan in (catalog or {}).get("plans", [])}
     plans: dict[str, str] = {sid: plan for sid, plan in bind.execute(sa.text("SELECT id, plan FROM subscriptions"))}
     rows = bind.execute(sa.text(
