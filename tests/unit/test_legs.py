@@ -119,3 +119,19 @@ def test_legs_sum_to_every_movement_and_parts_never_go_negative(path: Path) -> N
             parts[key] = parts.get(key, Decimal(0)) + leg.delta
             assert parts[key] >= 0, (m.id, key)
         assert sum((v for k, v in parts.items() if k[0] == m.customer), Decimal(0)) == m.mrr_after
+
+
+def test_a_snapshot_saved_before_legs_existed_starts_from_the_split_in_force() -> None:
+    from billing.book import Book
+
+    scenario = Scenario.model_validate({"catalog": {"plans": [A, SEATS]}, "events": start(("s", "a"), ("t", "seats"))})
+    book = Book(scenario.settings, scenario.catalog)
+    for index, event in enumerate(scenario.events):
+        book.apply(event, index)
+    del book.accounts["c"].__dict__["legs"]  # as pickled by the version before legs
+    restored = Book.loads(book.dumps())
+    assert restored.accounts["c"].legs == {("s", "a", "core"): Decimal("100.00"),
+                                           ("t", "seats", "analytics"): Decimal("10.00")}
+    change = restored.apply(Scenario.model_validate({"catalog": {"plans": [A, SEATS]}, "events": [
+        {"at": "2026-02-01", "type": "change_quantity", "subscription": "t", "quantity": 3}]}).events[0])
+    assert legs(change.movements[0]) == [("t", "seats", "20.00")]
