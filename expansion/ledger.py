@@ -29,6 +29,13 @@ Every period of every segment satisfies
 + fx_impact = ending` (fx_impact is 0 when every amount is in the reporting currency).
 
 Where the numbers come from:
+- the whole book by month: the tables maintained in every command's transaction —
+  `mrr_month_flows` and the difference arrays of `mrr_month_measures` (billing.month_measures),
+  accumulated by a window function — so the monthly metric set reads O(months) rows whatever
+  the ledger's size; quarters and years of the whole book take their flows and trailing-twelve-
+  month figures from them too. Everything below is the aggregation of the ledger itself, used
+  for segments, for the retention and distinct accounts of quarters and years, and with
+  `fast=False` (the tests check both ways agree);
 - flows (new … reactivation, by subtype, transfers): sums of `reporting_delta` per month; a
   reversal has the negated amounts of the entry it reverses and the same month, so the pair nets
   to zero without being looked for;
