@@ -124,8 +124,10 @@ def load_book(reader: SqlReader) -> LedgerBook:
     if raw is None:
         raise LookupError("the database holds no book (load a catalog and apply commands first)")
     settings = Settings.model_validate(json.loads(raw) if isinstance(raw, str) else raw)
-    first_at, last_at = reader.rows("SELECT MIN(at), MAX(at) FROM commands")[0]
-    lo, hi = reader.rows("SELECT MIN(month), MAX(month) FROM mrr_movements")[0]
+    # one MIN or MAX per subquery, so each is a single index lookup (SQLite scans the whole index
+    # for a MIN and a MAX in one select)
+    first_at, last_at = reader.rows("SELECT (SELECT MIN(at) FROM commands), (SELECT MAX(at) FROM commands)")[0]
+    lo, hi = reader.rows("SELECT (SELECT MIN(month) FROM mrr_movements), (SELECT MAX(month) FROM mrr_movements)")[0]
     months = [m for m in (lo, hi) if m is not None]
     months += [month_index(_instant(at)) for at in (first_at, last_at) if at is not None]
     return LedgerBook(settings, min(months) if months else None, max(months) if months else None)
