@@ -14,6 +14,10 @@ moved in m). Customer c's contribution q_c(m) to a measure:
 | ttm_f:CUR, ttm_g:CUR, ttm_h:CUR | [L(m−12) > 0]·L(m), min(L(m−12), L(m)), L(m−12) in the customer's currency |
 | cohort_net:C:CUR, …_kept, …_base, …_paying | for m ≥ C (signup month), B = L(C): L(m), min(L(m), B), B, [L(m) > 0] |
 
+The same level measures (starting … lost_a) are kept per quarter and per year as
+`quarter:NAME` and `year:NAME`, stored at the period's first month: S is the MRR at the end of
+the month before the period, E at the end of its last month, "in m" becomes "in the period".
+
 As a function of m, q_c is piecewise constant: it changes only in a month where the customer
 moved, the month after, twelve months after, or where an exchange rate changes (the book's
 rates are fixed once it holds a command, so every future conversion is known). So each measure
@@ -44,6 +48,7 @@ LEVEL_MEASURES = ("starting", "ending", "payers_start", "payers_end", "a_end", "
                   "lost_a")
 TTM_MEASURES = ("ttm_f", "ttm_g", "ttm_h")
 COHORT_MEASURES = ("cohort_net", "cohort_kept", "cohort_base", "cohort_paying")
+PERIODS = (("quarter", 3), ("year", 12))
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,24 @@ class _Customer:
         i = bisect_right(self.months, month)
         return self.ends[i - 1] if i else self.before
 
+    def period_values(self, p: int, k: int) -> tuple[int, ...]:
+        """The level measures of period p of k months (a quarter or a year)."""
+        first, last = p * k, (p + 1) * k - 1
+        s = self.level(first - 1)
+        e = self.level(last)
+        lo, hi = bisect_right(self.months, first - 1), bisect_right(self.months, last)
+        inside = [self.rows[self.months[i]] for i in range(lo, hi)]
+        expansions = sum(row.expansions for row in inside)
+        lost = sum(row.lost for row in inside)
+        start = self.conversion.convert(self.currency, first, s, end=False)
+        end = self.conversion.convert(self.currency, last, e, end=True)
+        member = start > 0
+        return (
+            start, end, int(member), int(end > 0),
+            end if member else 0, min(start, end) if member else 0,
+            int(expansions > 0), int(member and expansions > 0), min(lost, start) if member else 0,
+        )
+
     def values(self, month: int) -> tuple[int, ...]:
         """q_c(month), in the order of `_measures(currency, cohort)`."""
         s = self.level(month - 1)
@@ -159,6 +182,13 @@ def contribution(rows: Sequence[MonthRow], currency: str, month: int, conversion
     return dict(zip(_measures(currency, start.month if start else None), values, strict=True))
 
 
+def period_contribution(rows: Sequence[MonthRow], currency: str, p: int, k: int, conversion: Conversion,
+                        before: int = 0) -> dict[str, int]:
+    """q_c of period p of k months for the level measures (`quarter:` and `year:` families)."""
+    values = _Customer(rows, currency, conversion, before, None).period_values(p, k)
+    return dict(zip(LEVEL_MEASURES, values, strict=True))
+
+
 def differences(rows: Sequence[MonthRow], currency: str, since: int, conversion: Conversion,
                 before: int = 0, first: MonthRow | None = None) -> dict[tuple[str, int], int]:
     """The difference-array entries of one customer's contributions from month `since` on:
@@ -183,6 +213,17 @@ def differences(rows: Sequence[MonthRow], currency: str, since: int, conversion:
             if now != then:
                 out[(name, month)] = now - then
         previous = current
+    for period, k in PERIODS:
+        periods = {month // k for month in points}
+        periods.update(month // k + 1 for month in points)
+        opening = since // k
+        previous = (0,) * len(LEVEL_MEASURES)
+        for p in sorted(q for q in periods if q >= opening):
+            current = customer.period_values(p, k)
+            for name, now, then in zip(LEVEL_MEASURES, current, previous, strict=True):
+                if now != then:
+                    out[(f"{period}:{name}", p * k)] = now - then
+            previous = current
     return out
 
 

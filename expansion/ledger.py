@@ -29,13 +29,11 @@ Every period of every segment satisfies
 + fx_impact = ending` (fx_impact is 0 when every amount is in the reporting currency).
 
 Where the numbers come from:
-- the whole book by month: the tables maintained in every command's transaction —
-  `mrr_month_flows` and the difference arrays of `mrr_month_measures` (billing.month_measures),
-  accumulated by a window function — so the monthly metric set reads O(months) rows whatever
-  the ledger's size; quarters and years of the whole book take their flows and trailing-twelve-
-  month figures from them too. Everything below is the aggregation of the ledger itself, used
-  for segments, for the retention and distinct accounts of quarters and years, and with
-  `fast=False` (the tests check both ways agree);
+- the whole book (months, quarters, years): the tables maintained in every command's
+  transaction — `mrr_month_flows` and the difference arrays of `mrr_month_measures`
+  (billing.month_measures), accumulated by a window function — so the metric set reads
+  O(periods) rows whatever the ledger's size. Everything below is the aggregation of the ledger
+  itself, used for segments and with `fast=False` (the tests check both ways agree);
 - flows (new … reactivation, by subtype, transfers): sums of `reporting_delta` per month; a
   reversal has the negated amounts of the entry it reverses and the same month, so the pair nets
   to zero without being looked for;
@@ -309,9 +307,9 @@ def metric_set(
     """The metric set for periods `first`..`last` (labels; default: the whole ledger, from the
     first to the last command or movement) of kind `period`, split `by` a segment.
 
-    Months of the whole book come from the monthly tables maintained with every entry
-    (`mrr_month_flows`, `mrr_month_measures`); everything else, and months with `fast=False`,
-    is aggregated from the ledger and its snapshots (the two agree: a test checks it)."""
+    The whole book comes from the monthly tables maintained with every entry (`mrr_month_flows`,
+    `mrr_month_measures`); segments, and everything with `fast=False`, are aggregated from the
+    ledger and its snapshots (the two agree: a test checks it)."""
     with read_ledger(engine) as reader:
         return LedgerMetrics(reader).metric_set(period=period, first=first, last=last, by=by, ttm=ttm, fast=fast)
 
@@ -343,10 +341,10 @@ class LedgerMetrics:
         seg = parse_segmentation(by)
         p_first, p_last = self.range(period, first, last)
         try:
-            if fast and period == "month" and seg.kind is None:
-                rows = self._monthly_rows(p_first, p_last, ttm=ttm)
+            if fast and seg.kind is None:
+                rows = self._maintained_rows(period, p_first, p_last, ttm=ttm)
             else:
-                rows = self._rows(period, seg, p_first, p_last, ttm=ttm, fast=fast)
+                rows = self._rows(period, seg, p_first, p_last, ttm=ttm)
         finally:
             self.drop_temporary()
         return MetricSet(period, period_label(period, p_first), period_label(period, p_last), seg.label,
@@ -354,16 +352,20 @@ class LedgerMetrics:
 
     # -- the whole book by month: the maintained monthly tables --------------------------------
 
-    def _monthly_rows(self, m_first: int, m_last: int, *, ttm: bool) -> list[dict[str, object]]:
-        """Months of the whole book from `mrr_month_flows` and the difference arrays of
+    def _maintained_rows(self, period: str, p_first: int, p_last: int, *, ttm: bool) -> list[dict[str, object]]:
+        """Periods of the whole book from `mrr_month_flows` and the difference arrays of
         `mrr_month_measures` (billing.month_measures), accumulated by the database."""
-        kept = self._maintained(m_first - 2, m_last + 1)
-        levels = {m: Levels(*(kept.value(name, m) for name in ("starting", "ending", "a_end", "a_min",
-                                                                "payers_start", "payers_end", "activated",
-                                                                "accounts", "lost_a")))
-                  for m in range(m_first, m_last + 1)}
-        ttm_values = self._maintained_ttm(kept, range(m_first, m_last + 1)) if ttm else {}
-        return format_rows(self.book, "month", None, m_first, m_last, kept.flows, levels, {}, ttm_values)
+        k = MONTHS_IN[period]
+        kept = self._maintained(min((p_first - 1) * k, p_first * k - 2), (p_last + 1) * k)
+        prefix = "" if k == 1 else f"{period}:"
+        names = ("starting", "ending", "a_end", "a_min", "payers_start", "payers_end", "activated", "accounts",
+                 "lost_a")
+        levels = {p: Levels(*(kept.value(prefix + name, p * k) for name in names)) for p in range(p_first, p_last + 1)}
+        ttm_values: dict[int, tuple[str | None, str | None]] = {}
+        if ttm:
+            by_month = self._maintained_ttm(kept, [(p + 1) * k - 1 for p in range(p_first, p_last + 1)])
+            ttm_values = {p: by_month[(p + 1) * k - 1] for p in range(p_first, p_last + 1)}
+        return format_rows(self.book, period, None, p_first, p_last, kept.flows, levels, {}, ttm_values)
 
     def _maintained(self, m_lo: int, m_hi: int) -> Maintained:
         """The whole book's flows per month in [m_lo, m_hi) and its monthly measures up to m_hi."""
@@ -436,23 +438,16 @@ class LedgerMetrics:
 
     # -- the rows ------------------------------------------------------------------------------
 
-    def _rows(self, period: str, seg: Segmentation, p_first: int, p_last: int, *, ttm: bool,
-              fast: bool = False) -> list[dict[str, object]]:
-        """Rows aggregated from the ledger and the snapshots; for the whole book with `fast`,
-        the flows and the trailing-twelve-month figures come from the maintained monthly tables
-        (a quarter's or year's retention and distinct accounts still need the snapshots)."""
+    def _rows(self, period: str, seg: Segmentation, p_first: int, p_last: int, *,
+              ttm: bool) -> list[dict[str, object]]:
+        """Rows aggregated from the ledger and the snapshots (segments, and `fast=False`)."""
         k = MONTHS_IN[period]
         p_lo = p_first - 1
         m_hi = (p_last + 1) * k
         m_lo = min(p_lo * k, p_first * k - 2)
         params: dict[str, object] = {"m_lo": m_lo, "m_hi": m_hi, "p_lo": p_lo, "p_hi": p_last,
                                      "rep": self.book.reporting_currency}
-        maintained = fast and seg.kind is None
-        if maintained:
-            kept = self._maintained(m_lo, m_hi)
-            flows = {("", month): cell for month, cell in kept.flows.items()}
-        else:
-            flows = self.flows(seg, params)
+        flows = self.flows(seg, params)
         levels_known = seg.kind != "subtype"
         reporting: dict[str, list[tuple[Any, ...]]] = {}
         foreign: dict[tuple[str, int], tuple[Any, ...]] = {}
@@ -477,12 +472,7 @@ class LedgerMetrics:
             expr = SUBTYPE
             for s, p, n in self.reader.rows(compose(SUBTYPE_ACCOUNTS, seg=expr, k=k), params):
                 accounts[(str(s), int(p))] = int(n)
-        ttm_values: dict[tuple[str, int], tuple[str | None, str | None]] = {}
-        if ttm and maintained:
-            by_month = self._maintained_ttm(kept, [(p + 1) * k - 1 for p in range(p_first, p_last + 1)])
-            ttm_values = {("", p): by_month[(p + 1) * k - 1] for p in range(p_first, p_last + 1)}
-        elif ttm and levels_known:
-            ttm_values = self.ttm(seg, period, p_first, p_last, params)
+        ttm_values = self.ttm(seg, period, p_first, p_last, params) if ttm and levels_known else {}
         segments = sorted({s for s, _ in flows} | set(reporting) | {s for s, _ in foreign} | {s for s, _ in accounts})
         if seg.kind is None:
             segments = [""]

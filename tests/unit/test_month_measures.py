@@ -6,7 +6,14 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from billing.month_measures import Conversion, MonthRow, change, contribution, differences
+from billing.month_measures import (
+    Conversion,
+    MonthRow,
+    change,
+    contribution,
+    differences,
+    period_contribution,
+)
 from billing.scenario import Settings
 
 JAN = 2026 * 12
@@ -43,6 +50,19 @@ def test_a_customer_who_starts_grows_and_churns() -> None:
     assert accumulated(entries, "ttm_f:USD", JAN + 12) == 0  # churned by then
 
 
+def test_quarters_take_their_start_and_end_and_count_what_moved_inside() -> None:
+    rows = [MonthRow(JAN, 0, 10000), MonthRow(JAN + 2, 10000, 15000, expansions=1),
+            MonthRow(JAN + 4, 15000, 12000, lost=3000)]
+    entries = differences(rows, "USD", JAN, USD)
+    q1, q2 = JAN // 3, JAN // 3 + 1
+    assert {k: accumulated(entries, f"quarter:{k}", q1 * 3) for k in ("starting", "ending", "accounts")} == {
+        "starting": 0, "ending": 15000, "accounts": 1}
+    assert {k: accumulated(entries, f"quarter:{k}", q2 * 3) for k in ("starting", "ending", "a_min", "lost_a",
+                                                                      "accounts")} == {
+        "starting": 15000, "ending": 12000, "a_min": 12000, "lost_a": 3000, "accounts": 0}
+    assert accumulated(entries, "year:ending", JAN) == 12000
+
+
 def test_conversions_follow_the_rates_each_month_at_its_first_and_last_instant() -> None:
     rows = [MonthRow(JAN, 0, 9999)]
     entries = differences(rows, "EUR", JAN, EUR)
@@ -72,11 +92,18 @@ def test_the_difference_arrays_add_up_to_the_contributions(changes: list[tuple[i
     for month in range(JAN - 1, JAN + 45):
         expected = contribution(rows, "EUR", month, EUR)
         assert {k: accumulated(full, k, month) for k in expected} == expected
+    for period, k in (("quarter", 3), ("year", 12)):
+        for p in range((JAN - 1) // k, (JAN + 45) // k):
+            expected = period_contribution(rows, "EUR", p, k, EUR)
+            assert {key: accumulated(full, f"{period}:{key}", p * k) for key in expected} == expected
     start = JAN + since
     tail = differences(rows, "EUR", start, EUR)  # from `start` on only
     for month in range(start, JAN + 45):
         expected = contribution(rows, "EUR", month, EUR)
         assert {k: accumulated(tail, k, month) for k in expected} == expected
+    for p in range(start // 3, (JAN + 45) // 3):
+        expected = period_contribution(rows, "EUR", p, 3, EUR)
+        assert {key: accumulated(tail, f"quarter:{key}", p * 3) for key in expected} == expected
     grown = [*rows[:-1], MonthRow(rows[-1].month, rows[-1].mrr_start, rows[-1].mrr_end + 700)]
     moved = change(rows, grown, "EUR", rows[-1].month, EUR)
     for month in range(rows[-1].month, JAN + 45):
