@@ -24,6 +24,7 @@ Billing rules (SCENARIOS.md "Changes and proration", "Invoices"; Kill Bill's inv
 
 from __future__ import annotations
 
+import heapq
 import pickle
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -175,6 +176,9 @@ class Book:
         self.line_tags: dict[Tag, list[LineRef]] = {}
         self._out = Outcome()
         self._index: int | None = None
+        # pending transitions: (due, stage, subscription order, subscription id), lazily
+        # invalidated — an entry counts only while it equals the subscription's next transition
+        self._due: list[tuple[datetime, int, int, str]] = []
 
     # -- persistence of the pure state ---------------------------------------------------------
 
@@ -186,6 +190,9 @@ class Book:
         state.setdefault("credit_notes", {})
         state.setdefault("next_credit_note", 1)
         self.__dict__.update(state)
+        if "_due" not in state:  # a snapshot saved before the transition queue existed
+            self._due = []
+            self._queue_all()
         # a snapshot saved before movements had legs: start from the MRR composition in force
         for acct in self.accounts.values():
             if "legs" not in acct.__dict__:
@@ -214,6 +221,7 @@ class Book:
             work.clock = event.at
             work._advance(event.at)
             work._dispatch(event)
+            work._requeue_after(event)
         except BookError as exc:
             raise BookError(f"{_where(index, event.type)}{exc}") from None
         except KeyError as exc:
@@ -684,17 +692,45 @@ class Book:
     def _advance(self, until: datetime) -> None:
         """Apply every transition due at or before `until`, in time order; at one instant:
         usage periods close, period-end changes and cancellations, trial ends, discount ends,
-        discount starts, then the new period opens; subscriptions in creation order."""
-        while True:
-            best: tuple[datetime, int, int] | None = None
-            best_sub: Subscription | None = None
-            for sub in self.subscriptions.values():
-                due = self._next_transition(sub)
-                if due is not None and due[0] <= until and (best is None or due < best):
-                    best, best_sub = due, sub
-            if best is None or best_sub is None:
-                return
-            self._transition(best_sub, best[0], best[1])
+        discount starts, then the new period opens; subscriptions in creation order.
+
+        The queue holds every subscription's next transition (plus stale entries, skipped when
+        popped), so each step costs O(log N) instead of a scan of the book."""
+        due = self._due
+        while due and due[0][0] <= until:
+            at, stage, order, sub_id = heapq.heappop(due)
+            sub = self.subscriptions[sub_id]
+            if self._next_transition(sub) != (at, stage, order):
+                continue
+            self._transition(sub, at, stage)
+            self._queue_customer(sub.customer)
+
+    def _queue(self, sub: Subscription) -> None:
+        nxt = self._next_transition(sub)
+        if nxt is not None:
+            heapq.heappush(self._due, (*nxt, sub.id))
+
+    def _queue_customer(self, customer: str) -> None:
+        """A transition or command may change the next transition of any subscription of its
+        customer (customer coupons), never of another customer's."""
+        for sub_id in self.accounts[customer].subscriptions:
+            self._queue(self.subscriptions[sub_id])
+
+    def _queue_all(self) -> None:
+        self._due = []
+        for sub in self.subscriptions.values():
+            self._queue(sub)
+
+    def _requeue_after(self, event: Event) -> None:
+        if isinstance(event, InvoiceRunEvent):
+            self._queue_all()
+            return
+        sub_id = getattr(event, "subscription", None)
+        customer = getattr(event, "customer", None)
+        if isinstance(sub_id, str) and sub_id in self.subscriptions:
+            customer = self.subscriptions[sub_id].customer
+        if isinstance(customer, str) and customer in self.accounts:
+            self._queue_customer(customer)
 
     def _next_transition(self, sub: Subscription) -> tuple[datetime, int, int] | None:
         if sub.status == "trialing":

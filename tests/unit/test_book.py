@@ -253,3 +253,29 @@ def test_money_as_json_number_is_rejected() -> None:
     doc = '{"catalog": {"plans": [{"code": "p", "interval": "month", "prices": {"USD": 50.0}}]}, "events": []}'
     with pytest.raises(ScenarioError, match="decimal string"):
         parse_scenario_text(doc)
+
+
+def _fixture_paths() -> list[Any]:
+    from pathlib import Path
+    return sorted((Path(__file__).parents[2] / "fixtures" / "scenarios").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", _fixture_paths(), ids=lambda p: p.stem)
+def test_transition_queue_holds_every_next_transition(path: Any) -> None:
+    """After every command of every fixture, each subscription's next transition is queued, so
+    `_advance` (which pops the queue instead of scanning the book) misses none."""
+    scenario = parse_scenario_text(path.read_text())
+    book = Book(scenario.settings, scenario.catalog)
+    checked = 0
+    for index, event in enumerate(scenario.events):
+        try:
+            book.apply(event, index)
+        except BookError:
+            continue
+        queued = {(at, stage, order, sub_id) for at, stage, order, sub_id in book._due}
+        for sub in book.subscriptions.values():
+            nxt = book._next_transition(sub)
+            if nxt is not None:
+                assert (*nxt, sub.id) in queued, f"{path.stem}: events[{index}] left {sub.id} unqueued"
+                checked += 1
+    assert checked > 0 or not book.subscriptions
