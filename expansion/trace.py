@@ -540,11 +540,13 @@ class MovementCheck:
 @dataclass(frozen=True)
 class OrphanLine:
     """A proration line no movement references, with what may explain it: movements of its
-    subscription dated on the change's day, and the latest change command on the subscription."""
+    subscription dated on the change's day, the latest change command on the subscription, and
+    the change commands of that day that emitted no movement (`silent`)."""
 
     line: BilledLine
     nearby: tuple[MrrMovement, ...] = ()
     change: StoredCommand | None = None
+    silent: tuple[StoredCommand, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -663,15 +665,22 @@ def _proration_sign_mismatch(movement: MrrMovement, lines: Sequence[BilledLine],
 def check_orphan_line(orphan: OrphanLine) -> LineCheck:
     """A proration line that no movement references.
 
-    - `unlinked_line` (exception): a movement of the same subscription is dated on the change's
-      day but does not reference the line — a broken link;
-    - `no_mrr_change` (explained): no movement on that day, and a change command on the
-      subscription explains the line — a change that left MRR as it was (monthly swapped for
-      yearly at the same price per month) bills prorations and emits no movement;
+    - `no_mrr_change` (explained): a change command on the subscription that day emitted no
+      movement — a change that left MRR as it was (monthly swapped for yearly at the same price
+      per month) bills prorations and emits none, even beside another change that moved MRR;
+    - `unlinked_line` (exception): every change that day moved MRR, yet no movement references
+      the line — a broken link;
+    - `no_mrr_change` (explained) too when no movement is on that day and a change command on the
+      subscription explains the line;
     - `no_movement` (exception): nothing explains the line.
     """
     bl = orphan.line
     start = bl.line.period_start or bl.issued_at
+    if orphan.silent:
+        change = orphan.silent[-1]
+        return LineCheck(bl, "explained", "no_mrr_change",
+                         f"command #{change.id} {change.type} at {iso(change.at)} billed a change that left "
+                         "MRR as it was (no movement)", change.at if change.at >= start else start)
     if orphan.nearby:
         ids = ", ".join(f"#{m.id}" for m in orphan.nearby)
         verb = "does" if len(orphan.nearby) == 1 else "do"
@@ -824,11 +833,13 @@ def reconcile_period(engine: Engine, period: str) -> Reconciliation:
             bl = lines[ref]
             sub = bl.line.subscription
             start = bl.line.period_start or bl.issued_at
-            nearby = tuple(m for m, _ in reader.movements(customer=bl.invoice_customer, subscription=sub,
-                                                          start=start, end=start + CHANGE_DAY)) if sub else ()
+            near = reader.movements(customer=bl.invoice_customer, subscription=sub,
+                                    start=start, end=start + CHANGE_DAY) if sub else []
             changes = reader.commands_about((*CHANGE_CAUSES, "cancel"), subscription=sub,
                                             end=start + CHANGE_DAY) if sub else []
-            orphans.append(OrphanLine(bl, nearby, changes[-1] if changes else None))
+            movers = {command_id for _, command_id in near}
+            silent = tuple(c for c in changes if c.at >= start and c.id not in movers)
+            orphans.append(OrphanLine(bl, tuple(m for m, _ in near), changes[-1] if changes else None, silent))
         last_run = reader.last_invoice_run()
     return reconcile(calendar, pairs, lines, orphans, settings, None if last_run is None else last_run.id)
 

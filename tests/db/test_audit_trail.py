@@ -376,3 +376,29 @@ def test_the_report_reads_the_same_ledger(db: Db, tmp_path: Path) -> None:
     assert model.traces[2].lines[1].credit_notes == ("CN-0003",)
     index = write_report(db.engine, tmp_path / "report")
     assert '<a href="trail/expansion-2026-01.html">100.00</a>' in index.read_text(encoding="utf-8")
+
+
+def test_two_same_day_changes_only_one_moving_mrr_reconcile_clean(db: Db) -> None:
+    """A seat change (moves MRR) and, an hour later, monthly swapped for yearly at the same price
+    per month (bills prorations, moves nothing): the second change's lines are explained by
+    their own command, not flagged as a broken link of the first change's movement."""
+    plans = [{"code": "team", "name": "Team", "interval": "month", "pricing": "per_unit", "prices": {"USD": "30.00"}},
+             {"code": "team-year", "name": "Team yearly", "interval": "year", "pricing": "per_unit",
+              "prices": {"USD": "360.00"}}]
+    scenario = {"catalog": {"plans": plans}, "events": [
+        {"at": "2026-01-01T00:00:00Z", "type": "customer", "customer": "acme", "currency": "USD"},
+        {"at": "2026-01-01T00:00:00Z", "type": "subscribe", "customer": "acme", "subscription": "acme-team",
+         "plan": "team", "quantity": 2},
+        {"at": "2026-01-01T00:00:00Z", "type": "invoice_run"},
+        {"at": "2026-01-15T10:00:00Z", "type": "change_quantity", "subscription": "acme-team", "quantity": 3},
+        {"at": "2026-01-15T11:00:00Z", "type": "change_plan", "subscription": "acme-team", "plan": "team-year"},
+        {"at": "2026-01-16T00:00:00Z", "type": "invoice_run"}]}
+    result = replay(db, scenario)
+    assert [(m.type, m.subtype, str(m.delta)) for m in result.movements] == [
+        ("new", None, "60.00"), ("expansion", "seat", "30.00")]
+    rec = reconcile_period(db.engine, "2026-01")
+    assert list(rec.exceptions) == []
+    explained = [(c.line.label, c.reason) for c in rec.lines]
+    assert explained and {reason for _, reason in explained} == {"no_mrr_change"}
+    assert all("change_plan" in c.explanation for c in rec.lines)
+    assert run("reconcile", "--period", "2026-01", "--db", db.url).exit_code == 0

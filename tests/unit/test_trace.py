@@ -250,6 +250,9 @@ def test_orphan_proration_lines() -> None:
                        effective="immediately")
     explained = check_orphan_line(OrphanLine(line, (), same_mrr))
     assert (explained.status, explained.reason, explained.at) == ("explained", "no_mrr_change", same_mrr.at)
+    beside = check_orphan_line(OrphanLine(line, (near,), CHANGE, (same_mrr,)))
+    assert (beside.status, beside.reason) == ("explained", "no_mrr_change")
+    assert beside.explanation.startswith("command #7 change_plan")
     alone = check_orphan_line(OrphanLine(line))
     assert (alone.status, alone.reason) == ("exception", "no_movement")
 
