@@ -25,11 +25,10 @@ from pydantic import ValidationError
 
 from billing import service
 from billing.catalog import Catalog
+from billing.cli_options import db_option
 from billing.money import MoneyError, money_str
 from billing.periods import iso
 from billing.persistence import (
-    DEFAULT_URL,
-    ENV_VAR,
     ConcurrentModification,
     DatabaseError,
     Engine,
@@ -132,15 +131,6 @@ class BillingGroup(click.Group):
 
 # --- shared options and helpers ---------------------------------------------------------------
 
-db_option = click.option(
-    "--db",
-    "db",
-    envvar=ENV_VAR,
-    default=DEFAULT_URL,
-    show_default=True,
-    metavar="URL",
-    help=f"Database URL (env {ENV_VAR}), e.g. postgresql://user@host/db.",
-)
 actor_option = click.option(
     "--actor",
     envvar="BILLING_ACTOR",

@@ -16,9 +16,10 @@ from typing import Any
 
 import click
 
+from billing.cli_options import db_option, json_option
 from billing.money import money_str
 from billing.periods import iso
-from billing.persistence import DEFAULT_URL, ENV_VAR, Engine, StoredCommand
+from billing.persistence import Engine, StoredCommand
 from expansion.trace import (
     BilledLine,
     MetricTrail,
@@ -37,16 +38,6 @@ from expansion.trace import (
 
 FAILURE = 1
 
-db_option = click.option(
-    "--db",
-    "db",
-    envvar=ENV_VAR,
-    default=DEFAULT_URL,
-    show_default=True,
-    metavar="URL",
-    help=f"Database URL (env {ENV_VAR}), e.g. postgresql://user@host/db.",
-)
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 
 
 def _engine(ctx: click.Context, db: str) -> Engine:

@@ -18,15 +18,11 @@ from typing import Any, TextIO, TypeVar
 
 import click
 
-from billing.persistence import DEFAULT_URL, ENV_VAR, Engine
+from billing.cli_options import db_option
+from billing.persistence import Engine
 
 FORMULA_CELL = ("=", "+", "-", "@", "\t", "\r")
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _db_option() -> Callable[[F], F]:
-    return click.option("--db", "db", envvar=ENV_VAR, default=DEFAULT_URL, show_default=True, metavar="URL",
-                        help=f"Database URL (env {ENV_VAR}), e.g. postgresql://user@host/db.")
 
 
 def _format_option(choices: Sequence[str]) -> Callable[[F], F]:
@@ -104,7 +100,7 @@ def _flat(row: dict[str, object]) -> dict[str, object]:
 @click.option("--days", default=90, show_default=True, type=click.IntRange(min=0),
               help="Window for contraction after expansion and for recent seat growth.")
 @_format_option(["table", "json", "csv"])
-@_db_option()
+@db_option
 @click.pass_context
 def metrics(ctx: click.Context, period: str, first: str | None, last: str | None, by: str | None, days: int,
             fmt: str, db: str) -> None:
@@ -176,7 +172,7 @@ def metrics(ctx: click.Context, period: str, first: str | None, last: str | None
 @click.option("--from", "first", default=None, metavar="MONTH", help="First signup month (2026-01).")
 @click.option("--to", "last", default=None, metavar="MONTH", help="Last signup month.")
 @_format_option(["table", "json", "csv"])
-@_db_option()
+@db_option
 @click.pass_context
 def cohorts(ctx: click.Context, first: str | None, last: str | None, fmt: str, db: str) -> None:
     """Net and gross MRR retention (%) by signup month × months since signup."""
@@ -223,7 +219,7 @@ def export() -> None:
 @_format_option(["csv"])
 @click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True), default="-",
               help="Write to this file instead of standard output.")
-@_db_option()
+@db_option
 @click.pass_context
 def export_movements(ctx: click.Context, fmt: str, output: str, db: str) -> None:
     """Every ledger entry as one CSV row, with the invoices and invoice lines that billed it.
