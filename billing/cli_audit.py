@@ -291,6 +291,26 @@ def report(ctx: click.Context, out: str, db: str) -> None:
     click.echo(str(written))
 
 
+@click.command("verify")
+@json_option
+@db_option
+@click.pass_context
+def verify(ctx: click.Context, as_json: bool, db: str) -> None:
+    """Check the database against the engine's invariants — invoice totals, gap-free numbering,
+    no period billed twice, periods that tile, ledger entries that sum to each customer's MRR,
+    snapshots and the maintained monthly figures that agree with the ledger, links that resolve
+    — and print every finding with its rows; exit 0 only when clean."""
+    from expansion.verify import verification_lines
+    from expansion.verify import verify as run_verify
+
+    result = run_verify(_engine(ctx, db))
+    click.echo(_dump(result.to_json()) if as_json else "\n".join(verification_lines(result)))
+    if not result.clean:
+        if not as_json:
+            click.echo(f"billing: verify found {len(result.findings)} problem(s)", err=True)
+        ctx.exit(FAILURE)
+
+
 def audit_commands() -> list[click.Command]:
     """The commands billing.cli registers on its group."""
-    return [trace, reconcile, report]
+    return [trace, reconcile, report, verify]
