@@ -86,7 +86,7 @@ from billing.scenario import (
     VoidEvent,
 )
 from billing.subscription import Items, LicensedPeriod, Scheduled, Subscription, UsagePeriod
-from billing.usage import UsageRecord, aggregate, rate
+from billing.usage import MemoryUsage, UsageRecord, UsageSource, UsageWindow, micros, rate
 
 LegKey = tuple[str, str, str]
 """(subscription, plan, product): the finest segment a movement's legs are recorded on."""
@@ -185,6 +185,23 @@ class Book:
     def dumps(self) -> bytes:
         return pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_usage_source", None)  # usage events live in their source, never in a snapshot
+        return state
+
+    @property
+    def usage(self) -> UsageSource:
+        """Where this book's usage events are recorded and aggregated (billing.usage): the SQL
+        store in the services, an in-memory one otherwise."""
+        source: UsageSource | None = self.__dict__.get("_usage_source")
+        if source is None:
+            source = self.__dict__["_usage_source"] = MemoryUsage()
+        return source
+
+    def use_usage_source(self, source: UsageSource) -> None:
+        self.__dict__["_usage_source"] = source
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         # a snapshot saved before credit notes existed has no credit note series yet
         state.setdefault("credit_notes", {})
@@ -212,6 +229,7 @@ class Book:
         the caller throws the book away on error anyway (`discard_on_error`, as the services do
         with the copy they loaded), which spares the copy."""
         work = self if discard_on_error else Book.loads(self.dumps())
+        work.use_usage_source(self.usage)
         work._out = Outcome()
         work._index = index
         try:
@@ -348,6 +366,7 @@ class Book:
         sub = Subscription(id=ev.subscription, customer=acct.id, order=len(self.subscriptions),
                            billing_day=ev.billing_day, status="active",
                            items=Items(plan.code, ev.quantity, addons))
+        sub.started_at = ev.at
         self.subscriptions[sub.id] = sub
         acct.subscriptions.append(sub.id)
         if trial_days > 0:
@@ -499,20 +518,43 @@ class Book:
         return None
 
     def _usage(self, ev: UsageEvent) -> None:
-        sub = self._subscription(ev.subscription)
+        window = self.usage_window(ev.subscription, ev.metric)
+        reason = window.reject(micros(ev.at))
+        if reason is not None:
+            raise BookError(reason)
+        # a repeated id is ignored by the source, never billed twice
+        self.usage.record(ev.subscription, self.catalog.metric(ev.metric),
+                          UsageRecord(ev.at, ev.metric, ev.value, ev.id, dict(ev.properties)))
+
+    def usage_window(self, sub_id: str, metric_code: str) -> UsageWindow:
+        """When `sub_id` accepts events of `metric_code` (billing.usage.UsageWindow); BookError
+        for an unknown subscription or metric, or a metric its plan does not bill."""
+        sub = self._subscription(sub_id)
         try:
-            metric = self.catalog.metric(ev.metric)
+            metric = self.catalog.metric(metric_code)
         except KeyError:
-            raise BookError(f"metric: unknown metric {ev.metric!r}") from None
+            raise BookError(f"metric: unknown metric {metric_code!r}") from None
         plan = self.catalog.plan(sub.items.plan)
         if metric.code not in {m.code for m in self.catalog.plan_metrics(plan)}:
-            raise BookError(f"metric: metric {ev.metric!r} is not billed on plan {plan.code!r}")
+            raise BookError(f"metric: metric {metric_code!r} is not billed on plan {plan.code!r}")
+        ends: datetime | None = None
         if sub.status == "cancelled":
-            raise BookError(f"subscription: {sub.id!r} ended; usage at {ev.at.isoformat()} is outside its life")
-        if ev.id in sub.usage_keys:
-            return  # a repeated id is ignored, never billed twice
-        sub.usage_keys.add(ev.id)
-        sub.usage.append(UsageRecord(ev.at, ev.metric, ev.value, ev.id, dict(ev.properties)))
+            ends = sub.ended_at
+        elif sub.cancel_at_period_end and sub.current is not None:
+            ends = sub.current.end
+        open_starts = [up.start for up in sub.usage_unbilled]
+        if sub.usage_open is not None:
+            open_starts.append(sub.usage_open)
+        invoiced_until = min(open_starts) if open_starts else (ends if sub.status == "cancelled" else None)
+        started = sub.started_at
+        return UsageWindow(
+            subscription=sub.id,
+            started=None if started is None else micros(started),
+            ends=None if ends is None else micros(ends),
+            trial_end=None if sub.trial_end is None else micros(sub.trial_end),
+            invoiced_until=None if invoiced_until is None else micros(invoiced_until),
+            closed=tuple((micros(up.start), micros(up.end)) for up in sub.usage_unbilled),
+        )
 
     def _discount(self, ev: DiscountEvent) -> None:
         if ev.subscription is not None:
@@ -1021,7 +1063,7 @@ class Book:
         plan = self.catalog.plan(up.plan)
         lines = []
         for metric in self.catalog.plan_metrics(plan):
-            quantity = aggregate(metric, sub.usage, up.start, up.end, held_until=up.full_end)
+            quantity = self.usage.aggregate(sub.id, metric, up.start, up.end, held_until=up.full_end)
             amount = round_money(rate(metric, quantity, acct.currency), acct.currency, self.settings.rounding)
             lines.append(InvoiceLine(
                 kind="usage",

@@ -263,6 +263,7 @@ def execute(
                 return Applied(_recorded_outcome(uow, previous), previous.id, duplicate=True)
         stored = _require_book(uow)
         book = Book.loads(stored.snapshot)
+        book.use_usage_source(uow.usage)
         before = _view_of(book)
         outcome = book.apply(ev, index, discard_on_error=True)
         now = uow.now()

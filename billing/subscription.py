@@ -15,7 +15,6 @@ from fractions import Fraction
 from typing import Literal
 
 from billing.periods import Grid, Period
-from billing.usage import UsageRecord
 
 
 @dataclass
@@ -72,9 +71,8 @@ class Subscription:
     stage: int = -1
     unbilled: list[LicensedPeriod] = field(default_factory=list)
     usage_open: datetime | None = None
+    started_at: datetime | None = None  # when it was subscribed (None in older snapshots)
     usage_unbilled: list[UsagePeriod] = field(default_factory=list)
-    usage: list[UsageRecord] = field(default_factory=list)
-    usage_keys: set[str] = field(default_factory=set)
     usage_mrr: Fraction = Fraction(0)
     scheduled: list[Scheduled] = field(default_factory=list)
     cancel_at_period_end: bool = False

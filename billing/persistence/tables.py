@@ -39,6 +39,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -346,3 +347,29 @@ class MovementLineRow(Base):
     invoice_number: Mapped[str] = mapped_column(String(CODE), primary_key=True)
     line_index: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     command_id: Mapped[int] = mapped_column(ForeignKey("commands.id"), index=True)
+
+
+class UsageEventRow(Base):
+    """One accepted usage event (billing.usage): insert-only, unique per (subscription, key).
+
+    `at` is integer UTC microseconds; `value` and `quantity` are exact decimals scaled by
+    `billing.usage.SCALE`. `matched`, `quantity` and `dim` are the event's metric's filter, field
+    and distinct-count text resolved once on arrival, so aggregation is plain SQL over columns.
+    `seq` is the arrival order (ties at one instant)."""
+
+    __tablename__ = "usage_events"
+    __table_args__ = (
+        UniqueConstraint("subscription", "key", name="uq_usage_events_subscription_key"),
+        Index("ix_usage_events_subscription_metric_at", "subscription", "metric", "at"),
+    )
+
+    seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"), primary_key=True)
+    subscription: Mapped[str] = mapped_column(String(CODE))
+    metric: Mapped[str] = mapped_column(String(CODE))
+    at: Mapped[int] = mapped_column(BigInteger)
+    value: Mapped[int] = mapped_column(BigInteger)
+    matched: Mapped[bool] = mapped_column(Boolean)
+    quantity: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    dim: Mapped[str | None] = mapped_column(Text, nullable=True)
+    key: Mapped[str] = mapped_column(String(500))
+    properties: Mapped[str] = mapped_column(Text)

@@ -24,6 +24,7 @@ from billing.persistence.repository import (
     LedgerRepository,
     ViewRepository,
 )
+from billing.persistence.usage_store import SqlUsage
 
 
 def utc_now() -> datetime:
@@ -35,6 +36,7 @@ class UnitOfWork:
     commands: CommandRepository
     ledger: LedgerRepository
     view: ViewRepository
+    usage: SqlUsage
     session: Session
 
     def __init__(self, engine: Engine, *, clock: Callable[[], datetime] = utc_now) -> None:
@@ -48,6 +50,7 @@ class UnitOfWork:
         self.commands = CommandRepository(self.session)
         self.ledger = LedgerRepository(self.session)
         self.view = ViewRepository(self.session)
+        self.usage = SqlUsage(self.session)
         self._committed = False
         return self
 
