@@ -408,15 +408,31 @@ class Book:
                            addon_quantity=addon_quantity)
         new_items = self._changed_items(sub, acct, change)  # validates
         if effective == "period_end":
+            self._check_schedule(sub, acct, sub.items, [*sub.scheduled, change])
             sub.scheduled.append(change)
             return
+        self._check_schedule(sub, acct, new_items, sub.scheduled)
         if sub.status == "trialing":
             sub.items = new_items
             return
         self._apply_change(sub, acct, at, new_items, cause, at_boundary=False)
 
-    def _changed_items(self, sub: Subscription, acct: Account, change: Scheduled) -> Items:
-        items = sub.items.copy()
+    def _check_schedule(self, sub: Subscription, acct: Account, items: Items, changes: list[Scheduled]) -> None:
+        """Changes scheduled for the period end must still apply, in order, when it comes: a
+        command that would make one fail then (an add-on added before a scheduled change of
+        interval, an add-on removed twice) is refused now, so no later command finds the book
+        stuck on a transition it cannot make."""
+        for change in changes:
+            try:
+                items = self._changed_items(sub, acct, change, items)
+            except BookError as exc:
+                where = "" if change.index is None else f"events[{change.index}] "
+                raise BookError(f"the change scheduled for the period end ({where}{change.cause}) would no longer "
+                                f"apply: {exc}") from None
+
+    def _changed_items(self, sub: Subscription, acct: Account, change: Scheduled,
+                       items: Items | None = None) -> Items:
+        items = (sub.items if items is None else items).copy()
         current_plan = self.catalog.plan(items.plan)
         if change.cause == "change_quantity":
             assert change.quantity is not None

@@ -7,7 +7,8 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from examples import examples
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from billing.book import Book
@@ -85,7 +86,7 @@ def replay(doc: dict[str, Any]) -> tuple[Book, list[Any], list[Any]]:
     return book, invoices, movements
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(150))
 @given(histories())
 def test_invoice_totals_add_up(doc: dict[str, Any]) -> None:
     _, invoices, _ = replay(doc)
@@ -100,7 +101,7 @@ def test_invoice_totals_add_up(doc: dict[str, Any]) -> None:
             assert line.amount == line.amount.quantize(Decimal(1).scaleb(-places))
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(150))
 @given(histories())
 def test_movement_deltas_sum_to_current_mrr(doc: dict[str, Any]) -> None:
     book, _, movements = replay(doc)
@@ -111,7 +112,7 @@ def test_movement_deltas_sum_to_current_mrr(doc: dict[str, Any]) -> None:
         assert after.at >= before.at
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(100))
 @given(histories())
 def test_rerunning_an_invoice_run_adds_nothing(doc: dict[str, Any]) -> None:
     book, invoices, _ = replay(doc)
@@ -121,7 +122,7 @@ def test_rerunning_an_invoice_run_adds_nothing(doc: dict[str, Any]) -> None:
     assert len(invoices) == len(book.issued_invoices())
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(100))
 @given(histories())
 def test_replaying_twice_is_identical(doc: dict[str, Any]) -> None:
     _, inv1, mov1 = replay(doc)
@@ -130,7 +131,7 @@ def test_replaying_twice_is_identical(doc: dict[str, Any]) -> None:
     assert [m.model_dump() for m in mov1] == [m.model_dump() for m in mov2]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300))
 @given(
     anchor_day=st.integers(1, 28 * 4),
     interval=st.sampled_from(["day", "week", "month", "year"]),
@@ -153,7 +154,7 @@ def test_periods_tile_without_gap_or_overlap(anchor_day: int, interval: str, cou
         period = following
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200))
 @given(old=st.integers(0, 50), new=st.integers(0, 50), day=st.integers(1, 30))
 def test_proration_credit_and_charge_add_up_to_the_difference(old: int, new: int, day: int) -> None:
     doc = {"catalog": {"plans": PLANS, "addons": ADDONS}, "events": [

@@ -279,3 +279,29 @@ def test_transition_queue_holds_every_next_transition(path: Any) -> None:
                 assert (*nxt, sub.id) in queued, f"{path.stem}: events[{index}] left {sub.id} unqueued"
                 checked += 1
     assert checked > 0 or not book.subscriptions
+
+
+@pytest.mark.parametrize(
+    ("events", "message"),
+    [
+        ([ev("2026-01-05", "change_plan", subscription="s", plan="year", effective="period_end"),
+          ev("2026-01-06", "add_addon", subscription="s", addon="analytics", quantity=1)],
+         "events[3] (add_addon): the change scheduled for the period end (events[2] change_plan) would no longer "
+         "apply: plan: changing the interval of 's' needs its add-ons removed first"),
+        ([ev("2026-01-05", "add_addon", subscription="s", addon="analytics", quantity=1),
+          ev("2026-01-06", "remove_addon", subscription="s", addon="analytics", effective="period_end"),
+          ev("2026-01-07", "remove_addon", subscription="s", addon="analytics", effective="period_end")],
+         "events[4] (remove_addon): the change scheduled for the period end (events[4] remove_addon) would no "
+         "longer apply: addon: subscription 's' has no addon 'analytics'"),
+    ],
+)
+def test_a_command_that_would_break_a_scheduled_change_is_refused(events: list[dict[str, Any]],
+                                                                   message: str) -> None:
+    """Found by the random-catalog properties: an add-on added after a scheduled change of
+    interval made that change fail at the period end, and with it every later command."""
+    with pytest.raises(BookError) as caught:
+        run([customer("2026-01-01"), subscribe("2026-01-01"), *events])
+    assert str(caught.value) == message
+    # without the offending command the schedule applies at the period end
+    r = run([customer("2026-01-01"), subscribe("2026-01-01"), *events[:-1], ev("2026-03-01", "invoice_run")])
+    assert r.invoices[-1].lines[0].kind == "plan"

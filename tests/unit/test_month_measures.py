@@ -3,6 +3,7 @@ every measure month by month, and the entries that add up to it."""
 
 from __future__ import annotations
 
+from examples import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -72,7 +73,7 @@ def test_conversions_follow_the_rates_each_month_at_its_first_and_last_instant()
     assert contribution(rows, "EUR", JAN + 2, EUR)["a_min"] == 10999
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200))
 @given(st.lists(st.tuples(st.integers(0, 30), st.integers(-5000, 5000)), min_size=1, max_size=12),
        st.integers(0, 30))
 def test_the_difference_arrays_add_up_to_the_contributions(changes: list[tuple[int, int]], since: int) -> None:
