@@ -46,6 +46,12 @@ def minor_units(currency: str) -> int:
     return int(get_currency_precision(currency))
 
 
+def shown(value: object, limit: int = 40) -> str:
+    """A value quoted in an error message, cut to `limit` characters (input may be hostile)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
 def parse_decimal(text: object, *, what: str = "amount") -> Decimal:
     """Parse a decimal string (or int). Floats, NaN and infinities are rejected."""
     if isinstance(text, bool) or isinstance(text, float):
@@ -60,13 +66,13 @@ def parse_decimal(text: object, *, what: str = "amount") -> Decimal:
         try:
             value = Decimal(text.strip())
         except InvalidOperation:
-            raise MoneyError(f"{what} {text!r} is not a decimal number") from None
+            raise MoneyError(f"{what} {shown(text)} is not a decimal number") from None
     else:
         raise MoneyError(f"{what} must be a decimal string, not {type(text).__name__}")
     if not value.is_finite():
-        raise MoneyError(f"{what} {text!r} is not a finite number")
+        raise MoneyError(f"{what} {shown(text)} is not a finite number")
     if abs(value) >= Decimal(10) ** 15:
-        raise MoneyError(f"{what} {text!r} is too large")
+        raise MoneyError(f"{what} {shown(text)} is too large")
     return value
 
 

@@ -385,17 +385,26 @@ _EVENT_TYPES = {
 }
 
 
+MAX_PROBLEMS = 10
+MAX_PROBLEM_LENGTH = 300
+
+
 def describe_validation_error(error: ValidationError) -> str:
-    """One line per problem, each naming the field path (with the event index)."""
+    """The problems (the first ten, then how many more), each naming the field path (with the
+    event index) and cut to 300 characters: hostile input never makes a huge message."""
     lines = []
-    for item in error.errors():
+    problems = error.errors()
+    for item in problems[:MAX_PROBLEMS]:
         where = _format_loc(tuple(item["loc"]))
         msg = item["msg"]
         if item["type"] == "extra_forbidden":
             msg = "unknown field"
         elif item["type"] == "missing":
             msg = "required field is missing"
-        lines.append(f"{where}: {msg}")
+        line = f"{where}: {msg}"
+        lines.append(line if len(line) <= MAX_PROBLEM_LENGTH else line[:MAX_PROBLEM_LENGTH] + "…")
+    if len(problems) > MAX_PROBLEMS:
+        lines.append(f"and {len(problems) - MAX_PROBLEMS} more problem(s)")
     return "; ".join(lines)
 
 
@@ -407,9 +416,14 @@ def parse_scenario_text(text: str) -> Scenario:
         raise ScenarioError(f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except ValueError as exc:
         raise ScenarioError(str(exc)) from None
+    except RecursionError:
+        raise ScenarioError("not a scenario: JSON nested too deeply") from None
     if not isinstance(raw, dict):
         raise ScenarioError("a scenario must be a JSON object")
-    _reject_json_numbers(raw, "")
+    try:
+        _reject_json_numbers(raw, "")
+    except RecursionError:
+        raise ScenarioError("not a scenario: JSON nested too deeply") from None
     try:
         scenario = Scenario.model_validate(raw)
     except ValidationError as exc:
