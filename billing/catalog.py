@@ -126,6 +126,9 @@ class Metric(Priced):
     included: Decimal = Decimal(0)
     minimum: dict[str, Decimal] = Field(default_factory=dict)
     pricing: PricingModel = "per_unit"
+    # the metric counts the subscription's active seats: its period-to-date aggregate ÷ the
+    # seats bought is the seat-saturation signal (billing.metering.seat_saturation)
+    active_seats: bool = False
 
     @field_validator("included", mode="before")
     @classmethod

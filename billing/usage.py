@@ -137,12 +137,6 @@ def _property_quantity(raw: object) -> int | None:
         return None
 
 
-def _text(raw: object) -> str:
-    if isinstance(raw, Decimal):
-        return str(raw)
-    return str(raw)
-
-
 def matches(metric: Metric, properties: Mapping[str, Any]) -> bool:
     """The metric's property filter: every listed property must equal the given string."""
     return all(str(properties.get(k)) == v for k, v in metric.filter.items())
@@ -151,10 +145,11 @@ def matches(metric: Metric, properties: Mapping[str, Any]) -> bool:
 def measure(metric: Metric, value: Decimal, properties: Mapping[str, Any]) -> tuple[bool, int | None, str | None]:
     """(passes the filter, scaled quantity of the metric's field, distinct-count text)."""
     matched = matches(metric, properties)
+    distinct = metric.aggregation == "unique_count"  # only a distinct count reads `dim`
     if metric.field == "value":
-        return matched, scaled(value), _text(value)
+        return matched, scaled(value), str(value) if distinct else None
     raw = properties.get(metric.field)
-    return matched, _property_quantity(raw), None if raw is None else _text(raw)
+    return matched, _property_quantity(raw), str(raw) if distinct and raw is not None else None
 
 
 # -- where an event may fall ---------------------------------------------------------------------

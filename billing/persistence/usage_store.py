@@ -145,3 +145,71 @@ def aggregate_all(conn: Connection | Session, metrics: Sequence[Metric], lo: int
 
 
 __all__ = ["COLUMNS", "Row", "SqlUsage", "aggregate_all", "aggregate_one", "row_of"]
+
+
+# -- bulk writes (the ingester) ----------------------------------------------------------------
+
+STAGE_DDL = (
+    "CREATE TEMPORARY TABLE IF NOT EXISTS usage_stage (ord BIGINT NOT NULL, subscription TEXT NOT NULL, "
+    "metric TEXT NOT NULL, at BIGINT NOT NULL, value BIGINT NOT NULL, matched BOOLEAN NOT NULL, "
+    "quantity BIGINT, dim TEXT, key TEXT NOT NULL, properties TEXT NOT NULL) ON COMMIT DELETE ROWS"
+)
+
+
+class BulkWriter:
+    """Writes chunks of rows in transactions of its own on one raw driver connection.
+
+    Each chunk is one transaction that first reads the latest command's id — on PostgreSQL
+    after `LOCK TABLE commands IN SHARE MODE` (ingesters share it; a command, which records
+    itself in `commands`, waits for the chunk, and the chunk for a command in flight); on SQLite
+    under `BEGIN IMMEDIATE`, which takes the write lock at once — so no command changes the book
+    while a chunk is checked against it and written."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.dialect: str = engine.dialect.name
+        self.raw = engine.raw_connection()
+        self.dbapi: Any = self.raw.driver_connection
+        self._staged = False
+
+    def close(self) -> None:
+        self.raw.close()
+
+    def begin(self) -> int:
+        """Start a chunk's transaction; the latest command's id (the book changes only by
+        commands, each recorded in `commands`)."""
+        if self.dialect == "sqlite":
+            self.dbapi.execute("BEGIN IMMEDIATE")
+            row = self.dbapi.execute("SELECT COALESCE(MAX(id), 0) FROM commands").fetchone()
+        else:
+            with self.dbapi.cursor() as cur:
+                if not self._staged:
+                    cur.execute(STAGE_DDL)
+                    self._staged = True
+                cur.execute("LOCK TABLE commands IN SHARE MODE")
+                cur.execute("SELECT COALESCE(MAX(id), 0) FROM commands")
+                row = cur.fetchone()
+        return int(row[0])
+
+    def write(self, rows: Sequence[Row]) -> int:
+        """Insert the rows (their order kept); how many were new (the rest were duplicates)."""
+        if not rows:
+            return 0
+        if self.dialect == "sqlite":
+            before = self.dbapi.total_changes
+            self.dbapi.executemany(
+                f"INSERT OR IGNORE INTO usage_events ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)  # noqa: S608
+            return int(self.dbapi.total_changes - before)
+        with self.dbapi.cursor() as cur:
+            with cur.copy(f"COPY usage_stage (ord, {COLUMNS}) FROM STDIN") as copy:  # noqa: S608
+                for ord_, row in enumerate(rows):
+                    copy.write_row((ord_, *row))
+            cur.execute(f"INSERT INTO usage_events ({COLUMNS}) SELECT {COLUMNS} FROM usage_stage "  # noqa: S608
+                        "ORDER BY ord ON CONFLICT (subscription, key) DO NOTHING")
+            return int(cur.rowcount)  # the staged rows go at commit (ON COMMIT DELETE ROWS)
+
+    def commit(self) -> None:
+        self.dbapi.commit()
+
+    def rollback(self) -> None:
+        self.dbapi.rollback()

@@ -1,0 +1,468 @@
+"""Metered usage services: bulk ingestion, current usage, seat saturation.
+
+Ingestion (`ingest`) takes usage events — from `read_jsonl` / `read_csv` or any iterable of
+`(line number, mapping)` — and stores the good ones in `usage_events`, streaming: rows are
+parsed one at a time and written in chunks, so memory stays flat however long the input.
+
+- A row names its subscription (`subscription`) or its customer (`customer`: the customer's one
+  live subscription whose plan bills the metric), `metric`, `at` (ISO 8601 with an offset; a bare
+  date is midnight UTC), `value` (a decimal string or an exact number, at most 6 decimal places,
+  |value| < 10^12), `id` (unique per subscription) and optional `properties` (an object).
+  Any other field is an error, as in a scenario.
+- Each row is checked by the book's one rule set for a usage event (`Book.usage_window`,
+  `billing.usage.UsageWindow`): known subscription and metric, the metric billed on its plan,
+  inside the subscription's life, not in a period already invoiced, and — for a period that has
+  closed but is not invoiced yet — not more than `grace` after the period's end by the ingest
+  clock. A rejected row is reported with its line number and reason; every good row is kept.
+- An `id` already stored for the subscription is a duplicate: counted, never stored twice. The
+  database's unique `(subscription, key)` constraint decides, so two processes ingesting one
+  file at once store each event once.
+- Each chunk is one transaction that holds the book still (billing.persistence.usage_store
+  .BulkWriter) and re-reads it when a command changed it since the last chunk, so an event is
+  never accepted into a period that an invoice run has just billed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from fractions import Fraction
+from typing import IO, Any
+
+from billing.book import Book, BookError
+from billing.catalog import Metric
+from billing.money import round_money
+from billing.persistence import Engine, UnitOfWork, utc_now
+from billing.persistence.usage_store import BulkWriter, Row
+from billing.scenario import parse_instant
+from billing.usage import (
+    EPOCH,
+    UsageValueError,
+    UsageWindow,
+    instant,
+    measure,
+    micros,
+    parse_value,
+    rate,
+    scaled,
+)
+
+Clock = Callable[[], datetime]
+DEFAULT_GRACE = timedelta(days=1)
+CHUNK = 20_000
+FIELDS = frozenset({"subscription", "customer", "metric", "at", "value", "id", "properties"})
+KEPT_REJECTIONS = 1_000
+
+
+@dataclass(frozen=True)
+class Rejection:
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"line {self.line}: {self.reason}"
+
+
+@dataclass
+class IngestSummary:
+    """What an ingest did; `rejections` keeps the first `KEPT_REJECTIONS` (all go to the
+    `on_reject` callback)."""
+
+    accepted: int = 0
+    duplicated: int = 0
+    rejected: int = 0
+    rejections: list[Rejection] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return self.accepted + self.duplicated + self.rejected
+
+    def to_json(self) -> dict[str, Any]:
+        return {"accepted": self.accepted, "duplicated": self.duplicated, "rejected": self.rejected,
+                "rejections": [{"line": r.line, "reason": r.reason} for r in self.rejections]}
+
+
+class IngestError(ValueError):
+    """The input as a whole cannot be read (a CSV header without the needed columns)."""
+
+
+# -- readers ------------------------------------------------------------------------------------
+
+
+def read_jsonl(stream: IO[bytes] | IO[str]) -> Iterator[tuple[int, Mapping[str, Any] | str]]:
+    """(line number, object) per non-blank line; (line number, reason) for a line that is not a
+    JSON object. Numbers with a fraction are read as exact decimals, never floats."""
+    lines: Iterable[str | bytes] = stream
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line, parse_float=Decimal)
+        except ValueError as exc:
+            yield number, f"not valid JSON ({exc.args[0].split(':')[0]})"
+            continue
+        yield (number, data) if isinstance(data, dict) else (number, "not a JSON object")
+
+
+def read_csv(stream: IO[str]) -> Iterator[tuple[int, Mapping[str, Any] | str]]:
+    """Rows of a CSV file with a header naming the columns (the JSON fields; `properties` holds
+    a JSON object). Line numbers count the header as line 1."""
+    reader = csv.reader(stream)
+    header = next(reader, None)
+    if header is None:
+        return
+    names = [h.strip() for h in header]
+    unknown = [n for n in names if n not in FIELDS]
+    if unknown:
+        raise IngestError(f"CSV header: unknown column(s) {', '.join(map(repr, unknown))}; "
+                          f"expected {', '.join(sorted(FIELDS))}")
+    width = len(names)
+    for number, values in enumerate(reader, start=2):
+        if not values:
+            continue
+        if len(values) != width:
+            yield number, f"{len(values)} column(s), the header has {width}"
+            continue
+        row: dict[str, Any] = {n: v for n, v in zip(names, values, strict=True) if v != "" or n == "value"}
+        raw = row.get("properties")
+        if raw is not None:
+            try:
+                row["properties"] = json.loads(raw, parse_float=Decimal)
+            except ValueError:
+                yield number, "properties: not a JSON object"
+                continue
+        yield number, row
+
+
+def open_reader(stream: IO[bytes], kind: str) -> Iterator[tuple[int, Mapping[str, Any] | str]]:
+    """A reader for `kind` ("jsonl" or "csv") over a binary stream."""
+    if kind == "csv":
+        return read_csv(io.TextIOWrapper(stream, encoding="utf-8", newline=""))
+    return read_jsonl(stream)
+
+
+# -- checking one row ---------------------------------------------------------------------------
+
+
+class _Checker:
+    """The book's usage rules for many rows: windows cached per (subscription, metric)."""
+
+    def __init__(self, book: Book, now: int, grace: int | None) -> None:
+        self.book = book
+        self.now = now
+        self.grace = grace
+        self.windows: dict[tuple[str, str], UsageWindow | str] = {}
+        self.metrics: dict[str, Metric] = {m.code: m for m in book.catalog.metrics}
+        self.by_customer: dict[tuple[str, str], str] = {}
+
+    def window(self, sub: str, metric: str) -> UsageWindow | str:
+        key = (sub, metric)
+        found = self.windows.get(key)
+        if found is None:
+            try:
+                found = self.book.usage_window(sub, metric)
+            except (BookError, KeyError) as exc:
+                found = str(exc.args[0]) if exc.args else str(exc)
+            self.windows[key] = found
+        return found
+
+    def subscription_of(self, customer: str, metric: str) -> str:
+        key = (customer, metric)
+        found = self.by_customer.get(key)
+        if found is None:
+            acct = self.book.accounts.get(customer)
+            if acct is None:
+                raise ValueError(f"customer: unknown customer {customer!r}")
+            live = [s for s in acct.subscriptions if self.book.subscriptions[s].status != "cancelled"
+                    and isinstance(self.window(s, metric), UsageWindow)]
+            if len(live) != 1:
+                raise ValueError(f"customer: {customer!r} has {len(live)} live subscriptions billing "
+                                 f"{metric!r}; name the subscription")
+            found = self.by_customer[key] = live[0]
+        return found
+
+    def row(self, data: Mapping[str, Any]) -> Row:
+        """The stored row for one input object, or ValueError with the reason."""
+        if not FIELDS.issuperset(data):
+            unknown = sorted(set(data) - FIELDS)
+            raise ValueError(f"{unknown[0]}: unknown field")
+        metric_code = data.get("metric")
+        if not isinstance(metric_code, str) or not metric_code:
+            raise ValueError("metric: missing")
+        sub = data.get("subscription")
+        if sub is None:
+            customer = data.get("customer")
+            if not isinstance(customer, str) or not customer:
+                raise ValueError("subscription: missing (give subscription or customer)")
+            sub = self.subscription_of(customer, metric_code)
+        elif not isinstance(sub, str) or "customer" in data:
+            raise ValueError("subscription: must be a string (and not given with customer)")
+        key = data.get("id")
+        if isinstance(key, int) and not isinstance(key, bool):
+            key = str(key)
+        if not isinstance(key, str) or not key or len(key) > 500:
+            raise ValueError("id: missing or not a string of 1 to 500 characters")
+        at = _micros_of(data.get("at"))
+        try:
+            value = parse_value(data.get("value"))
+        except UsageValueError as exc:
+            raise ValueError(str(exc)) from None
+        props = data.get("properties")
+        if props is None:
+            props = {}
+        elif not isinstance(props, dict):
+            raise ValueError("properties: must be an object")
+        window = self.window(sub, metric_code)
+        if isinstance(window, str):
+            raise ValueError(window)
+        reason = window.reject(at, now=self.now, grace=self.grace)
+        if reason is not None:
+            raise ValueError(reason)
+        metric = self.metrics[metric_code]
+        matched, quantity, dim = measure(metric, value, props)
+        text = json.dumps(props, separators=(",", ":"), default=str) if props else "{}"
+        return (sub, metric_code, at, scaled(value), matched, quantity, dim, key, text)
+
+
+def _micros_of(raw: object) -> int:
+    if isinstance(raw, str) and len(raw) > 10:
+        try:
+            parsed = datetime.fromisoformat(raw)
+        except ValueError:
+            raise ValueError(f"at: {raw!r} is not an ISO 8601 time") from None
+        if parsed.tzinfo is None:
+            raise ValueError(f"at: {raw!r} needs an offset (e.g. Z)")
+        return (parsed - EPOCH) // timedelta(microseconds=1)
+    try:
+        return micros(parse_instant(raw))
+    except ValueError as exc:
+        raise ValueError(f"at: {exc}") from None
+
+
+# -- ingest -------------------------------------------------------------------------------------
+
+
+def _load_book(engine: Engine) -> Book | None:
+    """The whole book as it stands (read only)."""
+    with UnitOfWork(engine) as uow:
+        stored = uow.book.load()
+        if stored is None:
+            return None
+        return Book.loads(stored.snapshot)
+
+
+def ingest(
+    engine: Engine,
+    rows: Iterable[tuple[int, Mapping[str, Any] | str]],
+    *,
+    grace: timedelta | None = DEFAULT_GRACE,
+    clock: Clock = utc_now,
+    on_reject: Callable[[Rejection], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+    chunk: int = CHUNK,
+) -> IngestSummary:
+    """Store the good rows, count duplicates, report the bad ones (see the module docstring).
+
+    `grace` None accepts late events in closed, uninvoiced periods whatever their age.
+    `progress` is called with the number of rows read after each chunk."""
+    summary = IngestSummary()
+    grace_us = None if grace is None else grace // timedelta(microseconds=1)
+
+    def reject(line: int, reason: str) -> None:
+        summary.rejected += 1
+        rejection = Rejection(line, reason)
+        if len(summary.rejections) < KEPT_REJECTIONS:
+            summary.rejections.append(rejection)
+        if on_reject is not None:
+            on_reject(rejection)
+
+    writer = BulkWriter(engine)
+    state: dict[str, Any] = {"version": None, "checker": None}
+    try:
+        pending: list[tuple[int, Mapping[str, Any] | str]] = []
+
+        def flush() -> None:
+            version = writer.begin()
+            try:
+                if state["version"] != version:
+                    loaded = _load_book(engine)
+                    if loaded is None:
+                        raise IngestError("no catalog loaded; run `billing catalog load FILE` first")
+                    state["version"] = version
+                    state["book"] = loaded
+                state["checker"] = _Checker(state["book"], micros(clock()), grace_us)
+                checker: _Checker = state["checker"]
+                good: list[Row] = []
+                for line, data in pending:
+                    if isinstance(data, str):
+                        reject(line, data)
+                        continue
+                    try:
+                        good.append(checker.row(data))
+                    except ValueError as exc:
+                        reject(line, str(exc))
+                inserted = writer.write(good)
+                writer.commit()
+            except BaseException:
+                writer.rollback()
+                raise
+            summary.accepted += inserted
+            summary.duplicated += len(good) - inserted
+            if progress is not None:
+                progress(len(pending))
+            pending.clear()
+
+        for item in rows:
+            pending.append(item)
+            if len(pending) >= chunk:
+                flush()
+        if pending:
+            flush()
+    finally:
+        writer.close()
+    return summary
+
+
+# -- current usage ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MetricUsage:
+    metric: str
+    aggregation: str
+    period_start: datetime
+    period_end: datetime
+    quantity: Decimal
+    included: Decimal
+    amount: Decimal
+    currency: str
+    next_tier_at: Decimal | None  # the quantity where the next price tier starts, if any
+
+    def to_json(self) -> dict[str, Any]:
+        return {"metric": self.metric, "aggregation": self.aggregation,
+                "period_start": self.period_start.isoformat(), "period_end": self.period_end.isoformat(),
+                "quantity": str(self.quantity), "included": str(self.included), "amount": str(self.amount),
+                "currency": self.currency,
+                "next_tier_at": None if self.next_tier_at is None else str(self.next_tier_at)}
+
+
+def _decimal(value: Fraction) -> Decimal:
+    return Decimal(value.numerator) / Decimal(value.denominator)
+
+
+def current_usage(engine: Engine, subscription: str, *, as_of: datetime | None = None,
+                  clock: Clock = utc_now) -> list[MetricUsage]:
+    """Period-to-date usage of a subscription's open usage period, per metric its plan bills:
+    the aggregate over `[period start, as_of)` (default: now) and the amount it would bill now
+    (included units, pricing and minimum applied, rounded like the invoice line)."""
+    from billing.persistence.usage_store import SqlUsage
+
+    loaded = _load_book(engine)
+    if loaded is None:
+        raise IngestError("no catalog loaded; run `billing catalog load FILE` first")
+    book = loaded
+    sub = book.subscriptions.get(subscription)
+    if sub is None:
+        raise KeyError(f"unknown subscription {subscription!r}")
+    if sub.usage_open is None or sub.current is None:
+        return []
+    start, end = sub.usage_open, sub.current.end
+    until = as_of if as_of is not None else clock()
+    until = min(max(until, start), end)
+    currency = book.accounts[sub.customer].currency
+    out: list[MetricUsage] = []
+    with UnitOfWork(engine) as uow:
+        source = SqlUsage(uow.session)
+        for metric in book.catalog.plan_metrics(book.catalog.plan(sub.items.plan)):
+            quantity = source.aggregate(sub.id, metric, start, until, held_until=end)
+            amount = round_money(rate(metric, quantity, currency), currency, book.settings.rounding)
+            out.append(MetricUsage(metric.code, metric.aggregation, start, end, _decimal(quantity),
+                                   metric.included, amount, currency, _next_tier(metric, quantity)))
+    return out
+
+
+def _next_tier(metric: Metric, quantity: Fraction) -> Decimal | None:
+    if metric.pricing not in ("tiered", "volume"):
+        return None
+    billable = max(quantity - Fraction(metric.included), Fraction(0))
+    for tier in metric.tiers:
+        if tier.up_to is not None and billable <= tier.up_to:
+            return Decimal(tier.up_to) + metric.included
+    return None
+
+
+# -- seat saturation ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SeatSaturation:
+    """Active seats (a metric declared `active_seats`, period to date) ÷ purchased seats."""
+
+    subscription: str
+    customer: str
+    plan: str
+    metric: str
+    active: Decimal
+    purchased: int
+    ratio: Decimal | None  # None with 0 purchased seats
+
+    def to_json(self) -> dict[str, Any]:
+        return {"subscription": self.subscription, "customer": self.customer, "plan": self.plan,
+                "metric": self.metric, "active": str(self.active), "purchased": self.purchased,
+                "ratio": None if self.ratio is None else str(self.ratio)}
+
+
+def seat_saturation(engine: Engine, *, as_of: datetime | None = None,
+                    clock: Clock = utc_now) -> list[SeatSaturation]:
+    """Per active subscription whose plan bills an `active_seats` metric: that metric's
+    aggregate over its open usage period up to `as_of` (default: now) ÷ its seat quantity,
+    as a ratio rounded to 4 places (half up). Ordered by ratio, highest first."""
+    from billing.money import round_to_places
+    from billing.persistence.usage_store import SqlUsage
+
+    loaded = _load_book(engine)
+    if loaded is None:
+        return []
+    book = loaded
+    until = as_of if as_of is not None else clock()
+    out: list[SeatSaturation] = []
+    with UnitOfWork(engine) as uow:
+        source = SqlUsage(uow.session)
+        for sub in book.subscriptions.values():
+            if sub.status != "active" or sub.usage_open is None or sub.current is None:
+                continue
+            plan = book.catalog.plan(sub.items.plan)
+            for metric in book.catalog.plan_metrics(plan):
+                if not metric.active_seats:
+                    continue
+                end = min(max(until, sub.usage_open), sub.current.end)
+                active = source.aggregate(sub.id, metric, sub.usage_open, end, held_until=sub.current.end)
+                purchased = sub.items.quantity
+                ratio = (None if purchased <= 0
+                         else round_to_places(active / purchased, 4, "half_up"))
+                out.append(SeatSaturation(sub.id, sub.customer, plan.code, metric.code, _decimal(active),
+                                          purchased, ratio))
+    out.sort(key=lambda s: (-(s.ratio if s.ratio is not None else Decimal(-1)), s.customer, s.subscription))
+    return out
+
+
+__all__ = [
+    "DEFAULT_GRACE",
+    "IngestError",
+    "IngestSummary",
+    "MetricUsage",
+    "Rejection",
+    "SeatSaturation",
+    "current_usage",
+    "ingest",
+    "instant",
+    "open_reader",
+    "read_csv",
+    "read_jsonl",
+    "seat_saturation",
+]
