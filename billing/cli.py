@@ -608,3 +608,9 @@ from billing.cli_metrics import metrics_commands  # noqa: E402 - registered once
 
 for _metrics_command in metrics_commands():
     cli.add_command(_metrics_command)
+
+# The metered-usage commands (usage ingest/show/saturation, bench usage) live in billing/cli_usage.py.
+from billing.cli_usage import usage_commands  # noqa: E402 - registered once the group exists
+
+for _usage_command in usage_commands():
+    cli.add_command(_usage_command)
