@@ -28,7 +28,6 @@ from billing.persistence.repository import (
     _command,
     _credit_note,
     _invoice,
-    _movement,
 )
 from billing.persistence.tables import (
     CommandRow,
@@ -95,15 +94,7 @@ class AuditReader:
                 out.extend(self.movements(ids=ordered[i : i + _CHUNK], start=start, end=end,
                                           customer=customer, subscription=subscription))
             return out
-        rows = list(self.session.scalars(where(select(MovementRow)).order_by(MovementRow.id)))
-        refs: dict[int, list[LineRef]] = {row.id: [] for row in rows}
-        link_query = where(
-            select(MovementLineRow).join(MovementRow, MovementRow.id == MovementLineRow.movement_id)
-        ).order_by(MovementLineRow.movement_id, MovementLineRow.invoice_number, MovementLineRow.line_index)
-        for link in self.session.scalars(link_query):
-            refs[link.movement_id].append(LineRef(invoice=link.invoice_number, line=link.line_index))
-        legs = self._ledger.legs_of(where)
-        return [(_movement(row, refs[row.id], legs.get(row.id, ())), row.command_id) for row in rows]
+        return self._ledger.movements_where(where)
 
     def reversals_of(self, ids: Collection[int]) -> dict[int, int]:
         """The reversing entries of these movements: original id -> reversal id."""

@@ -7,7 +7,7 @@ this boundary as `Decimal` already rounded to its currency and is stored as inte
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
@@ -596,6 +596,11 @@ class LedgerRepository:
                 query = query.where(MovementRow.command_id == command_id)
             return query
 
+        return [movement for movement, _ in self.movements_where(where)]
+
+    def movements_where(self, where: Callable[[Select[Any]], Select[Any]]) -> list[tuple[MrrMovement, int]]:
+        """The movements a `where` filter on MovementRow selects (ascending id), each with its
+        invoice lines (by invoice number, line index) and legs, and the id of its command."""
         rows = list(self.session.scalars(where(select(MovementRow)).order_by(MovementRow.id)))
         refs: dict[int, list[LineRef]] = {row.id: [] for row in rows}
         link_query = where(
@@ -604,7 +609,7 @@ class LedgerRepository:
         for link in self.session.scalars(link_query):
             refs[link.movement_id].append(LineRef(invoice=link.invoice_number, line=link.line_index))
         legs = self.legs_of(where)
-        return [_movement(row, refs[row.id], legs.get(row.id, ())) for row in rows]
+        return [(_movement(row, refs[row.id], legs.get(row.id, ())), row.command_id) for row in rows]
 
     def legs_of(self, where: Any = None) -> dict[int, list[Leg]]:
         """The legs of the movements a `where` filter on MovementRow selects (all without one),
