@@ -1,6 +1,6 @@
 """Hypothesis profiles: `ci` (the default, a few hundred examples per property) and `deep`
 (`pytest --hypothesis-profile=deep`, ten times as many). Property tests size their example
-counts with `examples(n)`, n being the `ci` count."""
+counts with `propkit.examples(n)`, n being the `ci` count."""
 
 from __future__ import annotations
 

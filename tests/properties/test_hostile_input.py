@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from examples import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from propkit import examples
 from sqlalchemy import func, inspect, select, table
 
 from billing.book import BookError

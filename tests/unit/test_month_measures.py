@@ -3,9 +3,9 @@ every measure month by month, and the entries that add up to it."""
 
 from __future__ import annotations
 
-from examples import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from propkit import examples
 
 from billing.month_measures import (
     Conversion,
