@@ -9,6 +9,8 @@ Nothing here writes to the database.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -60,8 +62,13 @@ def _table(rows: list[list[str]], headers: list[str]) -> str:
     return table(rows, headers)
 
 
-def _bad_input(exc: TraceError) -> click.UsageError:
-    return click.UsageError(str(exc))
+@contextmanager
+def _bad_input() -> Iterator[None]:
+    """A TraceError (an unknown metric, a malformed period) is bad input: exit 2 with its message."""
+    try:
+        yield
+    except TraceError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 def _signed(amount: Decimal, currency: str) -> str:
@@ -89,10 +96,8 @@ def trace() -> None:
 def trace_movement_command(ctx: click.Context, movement_id: int, as_json: bool, db: str) -> None:
     """The command that caused movement ID, MRR before and after, and the lines that billed it."""
     engine = _engine(ctx, db)
-    try:
+    with _bad_input():
         result = trace_movement(engine, movement_id)
-    except TraceError as exc:
-        raise _bad_input(exc) from None
     click.echo(_dump(movement_trace_json(result)) if as_json else movement_trace_text(result))
 
 
@@ -169,10 +174,8 @@ def trace_metric_command(ctx: click.Context, name: str, period: str, by: tuple[s
     contraction.SUBTYPE; contraction and churn count as positive amounts, as in the metrics.
     """
     engine = _engine(ctx, db)
-    try:
+    with _bad_input():
         result = trace_metric(engine, name, period, by)
-    except TraceError as exc:
-        raise _bad_input(exc) from None
     click.echo(_dump(metric_trail_json(result)) if as_json else metric_trail_text(result))
 
 
@@ -214,10 +217,8 @@ def reconcile(ctx: click.Context, period: str, as_json: bool, db: str) -> None:
     explained when its change left MRR as it was.
     """
     engine = _engine(ctx, db)
-    try:
+    with _bad_input():
         result = reconcile_period(engine, period)
-    except TraceError as exc:
-        raise _bad_input(exc) from None
     click.echo(_dump(reconciliation_json(result)) if as_json else reconciliation_text(result))
     if result.exceptions:
         if not as_json:
@@ -284,10 +285,8 @@ def report(ctx: click.Context, out: str, db: str) -> None:
     from expansion.report import write_report
 
     engine = _engine(ctx, db)
-    try:
+    with _bad_input():
         written = write_report(engine, Path(out))
-    except TraceError as exc:
-        raise _bad_input(exc) from None
     click.echo(str(written))
 
 
