@@ -27,6 +27,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import queue
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -42,6 +44,7 @@ from billing.persistence.usage_store import BulkWriter, Row
 from billing.scenario import parse_instant
 from billing.usage import (
     EPOCH,
+    SCALE,
     UsageValueError,
     UsageWindow,
     instant,
@@ -57,6 +60,19 @@ DEFAULT_GRACE = timedelta(days=1)
 CHUNK = 20_000
 FIELDS = frozenset({"subscription", "customer", "metric", "at", "value", "id", "properties"})
 KEPT_REJECTIONS = 1_000
+_DECODER = json.JSONDecoder(parse_float=Decimal)
+_BOUND = 10**12  # |value| below this (billing.usage.MAX_VALUE)
+Measurer = Callable[[Decimal | int, int, Mapping[str, Any]], tuple[bool, int | None, str | None]]
+
+
+def _measurer(metric: Metric) -> Measurer:
+    """`billing.usage.measure` for one metric, with the event's scaled value already known (the
+    common case — the field is `value`, no filter — costs one tuple)."""
+    if metric.field != "value" or metric.filter:
+        return lambda value, _scaled, props: measure(metric, Decimal(value), props)
+    if metric.aggregation == "unique_count":
+        return lambda value, scaled_value, _props: (True, scaled_value, str(value))
+    return lambda _value, scaled_value, _props: (True, scaled_value, None)
 
 
 @dataclass(frozen=True)
@@ -98,12 +114,16 @@ def read_jsonl(stream: IO[bytes] | IO[str]) -> Iterator[tuple[int, Mapping[str, 
     """(line number, object) per non-blank line; (line number, reason) for a line that is not a
     JSON object. Numbers with a fraction are read as exact decimals, never floats."""
     lines: Iterable[str | bytes] = stream
+    decode = _DECODER.decode
     for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
         try:
-            data = json.loads(line, parse_float=Decimal)
+            data = decode(line.decode() if isinstance(line, bytes) else line)
+        except UnicodeDecodeError:
+            yield number, "not UTF-8 text"
+            continue
         except ValueError as exc:
+            if not line.strip():
+                continue
             yield number, f"not valid JSON ({exc.args[0].split(':')[0]})"
             continue
         yield (number, data) if isinstance(data, dict) else (number, "not a JSON object")
@@ -149,15 +169,71 @@ def open_reader(stream: IO[bytes], kind: str) -> Iterator[tuple[int, Mapping[str
 # -- checking one row ---------------------------------------------------------------------------
 
 
-class _Checker:
-    """The book's usage rules for many rows: windows cached per (subscription, metric)."""
+Parsed = tuple[int, str | None, str | None, str, int, int, bool, int | None, str | None, str, str]
+"""(line, subscription, customer, metric, at µs, value scaled, matched, quantity, dim, key,
+properties JSON): a row read and measured, not yet checked against the book."""
+
+
+class _Parser:
+    """The checks that need only the catalog: fields, types, time, value, the metric's measure.
+    Runs on the reading thread."""
+
+    def __init__(self, metrics: Iterable[Metric]) -> None:
+        self.measurers: dict[str, Measurer] = {m.code: _measurer(m) for m in metrics}
+
+    def parse(self, line: int, data: Mapping[str, Any]) -> Parsed:
+        """The parsed row, or ValueError with the reason."""
+        if len(data) > 7 or not FIELDS.issuperset(data):
+            unknown = sorted(set(data) - FIELDS)
+            raise ValueError(f"{unknown[0]}: unknown field")
+        metric_code = data.get("metric")
+        if not isinstance(metric_code, str) or not metric_code:
+            raise ValueError("metric: missing")
+        measurer = self.measurers.get(metric_code)
+        if measurer is None:
+            raise ValueError(f"metric: unknown metric {metric_code!r}")
+        sub = data.get("subscription")
+        customer = data.get("customer")
+        if sub is None:
+            if not isinstance(customer, str) or not customer:
+                raise ValueError("subscription: missing (give subscription or customer)")
+        elif not isinstance(sub, str) or customer is not None:
+            raise ValueError("subscription: must be a string (and not given with customer)")
+        key = data.get("id")
+        if isinstance(key, int) and not isinstance(key, bool):
+            key = str(key)
+        if not isinstance(key, str) or not key or len(key) > 500:
+            raise ValueError("id: missing or not a string of 1 to 500 characters")
+        at = _micros_of(data.get("at"))
+        raw = data.get("value")
+        value: Decimal | int
+        if type(raw) is int and -_BOUND < raw < _BOUND:
+            value, scaled_value = raw, raw * SCALE
+        else:
+            try:
+                value = parse_value(raw)
+                scaled_value = scaled(value)
+            except UsageValueError as exc:
+                raise ValueError(str(exc)) from None
+        props = data.get("properties")
+        if props is None:
+            props = {}
+        elif not isinstance(props, dict):
+            raise ValueError("properties: must be an object")
+        matched, quantity, dim = measurer(value, scaled_value, props)
+        text = json.dumps(props, separators=(",", ":"), default=str) if props else "{}"
+        return (line, sub, customer, metric_code, at, scaled_value, matched, quantity, dim, key, text)
+
+
+class _Gate:
+    """The book's usage rules for many rows (windows cached per (subscription, metric)). Runs
+    inside a chunk's transaction, against the book as that transaction sees it."""
 
     def __init__(self, book: Book, now: int, grace: int | None) -> None:
         self.book = book
         self.now = now
         self.grace = grace
         self.windows: dict[tuple[str, str], UsageWindow | str] = {}
-        self.metrics: dict[str, Metric] = {m.code: m for m in book.catalog.metrics}
         self.by_customer: dict[tuple[str, str], str] = {}
 
     def window(self, sub: str, metric: str) -> UsageWindow | str:
@@ -186,47 +262,19 @@ class _Checker:
             found = self.by_customer[key] = live[0]
         return found
 
-    def row(self, data: Mapping[str, Any]) -> Row:
-        """The stored row for one input object, or ValueError with the reason."""
-        if not FIELDS.issuperset(data):
-            unknown = sorted(set(data) - FIELDS)
-            raise ValueError(f"{unknown[0]}: unknown field")
-        metric_code = data.get("metric")
-        if not isinstance(metric_code, str) or not metric_code:
-            raise ValueError("metric: missing")
-        sub = data.get("subscription")
+    def admit(self, parsed: Parsed) -> Row:
+        """The row to store, or ValueError with the reason."""
+        _, sub, customer, metric, at, value, matched, quantity, dim, key, text = parsed
         if sub is None:
-            customer = data.get("customer")
-            if not isinstance(customer, str) or not customer:
-                raise ValueError("subscription: missing (give subscription or customer)")
-            sub = self.subscription_of(customer, metric_code)
-        elif not isinstance(sub, str) or "customer" in data:
-            raise ValueError("subscription: must be a string (and not given with customer)")
-        key = data.get("id")
-        if isinstance(key, int) and not isinstance(key, bool):
-            key = str(key)
-        if not isinstance(key, str) or not key or len(key) > 500:
-            raise ValueError("id: missing or not a string of 1 to 500 characters")
-        at = _micros_of(data.get("at"))
-        try:
-            value = parse_value(data.get("value"))
-        except UsageValueError as exc:
-            raise ValueError(str(exc)) from None
-        props = data.get("properties")
-        if props is None:
-            props = {}
-        elif not isinstance(props, dict):
-            raise ValueError("properties: must be an object")
-        window = self.window(sub, metric_code)
+            assert customer is not None
+            sub = self.subscription_of(customer, metric)
+        window = self.windows.get((sub, metric)) or self.window(sub, metric)
         if isinstance(window, str):
             raise ValueError(window)
         reason = window.reject(at, now=self.now, grace=self.grace)
         if reason is not None:
             raise ValueError(reason)
-        metric = self.metrics[metric_code]
-        matched, quantity, dim = measure(metric, value, props)
-        text = json.dumps(props, separators=(",", ":"), default=str) if props else "{}"
-        return (sub, metric_code, at, scaled(value), matched, quantity, dim, key, text)
+        return (sub, metric, at, value, matched, quantity, dim, key, text)
 
 
 def _micros_of(raw: object) -> int:
@@ -256,6 +304,13 @@ def _load_book(engine: Engine) -> Book | None:
         return Book.loads(stored.snapshot)
 
 
+@dataclass
+class _Batch:
+    parsed: list[Parsed] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+    rows: int = 0
+
+
 def ingest(
     engine: Engine,
     rows: Iterable[tuple[int, Mapping[str, Any] | str]],
@@ -269,62 +324,90 @@ def ingest(
     """Store the good rows, count duplicates, report the bad ones (see the module docstring).
 
     `grace` None accepts late events in closed, uninvoiced periods whatever their age.
-    `progress` is called with the number of rows read after each chunk."""
+    `progress` is called with the number of rows done after each chunk.
+
+    The calling thread reads and parses; a writer thread checks each chunk against the book and
+    writes it, so parsing overlaps the database's work. Rejections are reported in line order."""
+    book = _load_book(engine)
+    if book is None:
+        raise IngestError("no catalog loaded; run `billing catalog load FILE` first")
+    parser = _Parser(book.catalog.metrics)
     summary = IngestSummary()
     grace_us = None if grace is None else grace // timedelta(microseconds=1)
+    batches: queue.Queue[_Batch | None] = queue.Queue(maxsize=2)
+    failure: list[BaseException] = []
 
-    def reject(line: int, reason: str) -> None:
+    def report(rejection: Rejection) -> None:
         summary.rejected += 1
-        rejection = Rejection(line, reason)
         if len(summary.rejections) < KEPT_REJECTIONS:
             summary.rejections.append(rejection)
         if on_reject is not None:
             on_reject(rejection)
 
-    writer = BulkWriter(engine)
-    state: dict[str, Any] = {"version": None, "checker": None}
+    def write_all() -> None:
+        writer = BulkWriter(engine)
+        seen_version: int | None = None
+        current = book
+        try:
+            while (batch := batches.get()) is not None:
+                version = writer.begin()
+                try:
+                    if version != seen_version:
+                        loaded = _load_book(engine) if seen_version is not None else current
+                        if loaded is None:
+                            raise IngestError("the book disappeared while ingesting")
+                        current, seen_version = loaded, version
+                    gate = _Gate(current, micros(clock()), grace_us)
+                    good: list[Row] = []
+                    rejected = batch.rejected
+                    for parsed in batch.parsed:
+                        try:
+                            good.append(gate.admit(parsed))
+                        except ValueError as exc:
+                            rejected.append(Rejection(parsed[0], str(exc)))
+                    inserted = writer.write(good)
+                    writer.commit()
+                except BaseException:
+                    writer.rollback()
+                    raise
+                summary.accepted += inserted
+                summary.duplicated += len(good) - inserted
+                for rejection in sorted(rejected, key=lambda r: r.line):
+                    report(rejection)
+                if progress is not None:
+                    progress(batch.rows)
+        except BaseException as exc:  # handed to the reading thread
+            failure.append(exc)
+            while batches.get() is not None:  # drain so the reader never blocks
+                pass
+        finally:
+            writer.close()
+
+    thread = threading.Thread(target=write_all, name="usage-ingest-writer", daemon=True)
+    thread.start()
     try:
-        pending: list[tuple[int, Mapping[str, Any] | str]] = []
-
-        def flush() -> None:
-            version = writer.begin()
-            try:
-                if state["version"] != version:
-                    loaded = _load_book(engine)
-                    if loaded is None:
-                        raise IngestError("no catalog loaded; run `billing catalog load FILE` first")
-                    state["version"] = version
-                    state["book"] = loaded
-                state["checker"] = _Checker(state["book"], micros(clock()), grace_us)
-                checker: _Checker = state["checker"]
-                good: list[Row] = []
-                for line, data in pending:
-                    if isinstance(data, str):
-                        reject(line, data)
-                        continue
-                    try:
-                        good.append(checker.row(data))
-                    except ValueError as exc:
-                        reject(line, str(exc))
-                inserted = writer.write(good)
-                writer.commit()
-            except BaseException:
-                writer.rollback()
-                raise
-            summary.accepted += inserted
-            summary.duplicated += len(good) - inserted
-            if progress is not None:
-                progress(len(pending))
-            pending.clear()
-
-        for item in rows:
-            pending.append(item)
-            if len(pending) >= chunk:
-                flush()
-        if pending:
-            flush()
+        batch = _Batch()
+        for line, data in rows:
+            if failure:
+                break
+            batch.rows += 1
+            if isinstance(data, str):
+                batch.rejected.append(Rejection(line, data))
+            else:
+                try:
+                    batch.parsed.append(parser.parse(line, data))
+                except ValueError as exc:
+                    batch.rejected.append(Rejection(line, str(exc)))
+            if batch.rows >= chunk:
+                batches.put(batch)
+                batch = _Batch()
+        if batch.rows and not failure:
+            batches.put(batch)
     finally:
-        writer.close()
+        batches.put(None)
+        thread.join()
+    if failure:
+        raise failure[0]
     return summary
 
 

@@ -156,6 +156,9 @@ STAGE_DDL = (
 )
 
 
+CACHE_KB = 65_536
+
+
 class BulkWriter:
     """Writes chunks of rows in transactions of its own on one raw driver connection.
 
@@ -171,8 +174,14 @@ class BulkWriter:
         self.raw = engine.raw_connection()
         self.dbapi: Any = self.raw.driver_connection
         self._staged = False
+        if self.dialect == "sqlite":
+            # a larger page cache while the indexes grow (SQLite's default is 2 MB)
+            self._cache = self.dbapi.execute("PRAGMA cache_size").fetchone()[0]
+            self.dbapi.execute(f"PRAGMA cache_size = {-CACHE_KB}")
 
     def close(self) -> None:
+        if self.dialect == "sqlite":
+            self.dbapi.execute(f"PRAGMA cache_size = {int(self._cache)}")
         self.raw.close()
 
     def begin(self) -> int:
