@@ -160,9 +160,10 @@ def metrics(ctx: click.Context, period: str, first: str | None, last: str | None
         click.echo(f"\nexpansion readiness ({len(ready)} subscription(s)):")
         click.echo(_table([[r["customer"], r["subscription"], r["plan"], str(r["quantity"]),
                             "" if r["tier_up_to"] is None else str(r["tier_up_to"]), r["saturation"] or "",
-                            r["seat_expansion_mrr"] or "", ", ".join(r["signals"])] for r in ready[:50]],
+                            r["seat_expansion_mrr"] or "", r.get("seat_saturation") or "",
+                            ", ".join(r["signals"])] for r in ready[:50]],
                           ["CUSTOMER", "SUBSCRIPTION", "PLAN", "SEATS", "TIER UP TO", "SATURATION %",
-                           "SEAT GROWTH MRR", "SIGNALS"]))
+                           "SEAT GROWTH MRR", "SEATS USED %", "SIGNALS"]))
 
 
 # --- billing cohorts --------------------------------------------------------------------------

@@ -10,8 +10,10 @@
   (it has no seat limits or usage quotas of its own): on a `tiered` or `volume` plan, a quantity
   at or above 80 % of the current tier's upper bound (`near_tier_boundary`, with the saturation
   quantity ÷ bound) or in the open-ended top tier (`top_tier`); and seats that grew in the last
-  N days (`seats_grew`, with the MRR those seat expansions added). Usage is not in the tables
-  the metrics read, so usage quotas are not considered.
+  N days (`seats_grew`, with the MRR those seat expansions added); and seat saturation
+  (`seats_saturated`): active seats — the period-to-date aggregate of a metric declared
+  `active_seats` (billing.metering.seat_saturation) — at or above 80 % of the seats bought, with
+  `seat_saturation` the ratio as a percentage on every row that has one.
 
 Reversed entries and their reversals are left out of all three.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
@@ -82,7 +85,7 @@ WITH g AS (
   WHERE s.status = 'active'
 )
 SELECT id, customer, plan, quantity, mrr, currency, grown, changes, bound, tiered FROM s
-WHERE grown IS NOT NULL OR (tiered = 1 AND (bound IS NULL OR 10 * quantity >= 8 * bound))
+WHERE grown IS NOT NULL OR (tiered = 1 AND (bound IS NULL OR 10 * quantity >= 8 * bound)) OR {saturated}
 ORDER BY customer, id
 """
 
@@ -159,9 +162,15 @@ def contraction_after_expansion(engine: Engine, *, first: str | None = None, las
     )
 
 
+SATURATED = Decimal("0.8")  # active ÷ bought seats from which a subscription is ready to add seats
+
+
 def expansion_readiness(engine: Engine, *, as_of: datetime | None = None, days: int = 90) -> list[dict[str, Any]]:
-    """Active subscriptions near a tier boundary, in the top tier, or whose seats grew in the
-    `days` before `as_of` (default: the time of the book's latest command)."""
+    """Active subscriptions near a tier boundary, in the top tier, whose seats grew in the
+    `days` before `as_of` (default: the time of the book's latest command), or whose active
+    seats reach 80 % of the seats bought."""
+    from billing.metering import seat_saturation
+
     with read_ledger(engine) as reader:
         raw = reader.scalar("SELECT catalog FROM book_state")
         if raw is None:
@@ -170,6 +179,9 @@ def expansion_readiness(engine: Engine, *, as_of: datetime | None = None, days: 
         if as_of is None:
             latest = reader.scalar("SELECT MAX(at) FROM commands")
             as_of = _instant(latest) if latest is not None else datetime.now(UTC)
+        saturation_of = {s.subscription: s.ratio for s in seat_saturation(engine, as_of=as_of)
+                          if s.ratio is not None}
+        saturated = sorted(sub for sub, ratio in saturation_of.items() if ratio >= SATURATED)
         since = as_of - timedelta(days=days)
         params: dict[str, object] = {"since": int(since.timestamp()), "until": int(as_of.timestamp()),
                                      "since_month": month_index(since)}
@@ -186,7 +198,12 @@ def expansion_readiness(engine: Engine, *, as_of: datetime | None = None, days: 
                                else f"WHEN s.plan = :plan_{i} THEN NULL")
         bound = f"(CASE {' '.join(bound_cases)} ELSE NULL END)" if bound_cases else "CAST(NULL AS INTEGER)"
         tiered = f"(CASE WHEN s.plan IN ({', '.join(tiered_plans)}) THEN 1 ELSE 0 END)" if tiered_plans else "0"
-        sql = compose(READINESS, live=LIVE, m_epoch=epoch_seconds(reader, "m.at"), bound=bound, tiered=tiered)
+        for i, sub in enumerate(saturated):
+            params[f"sat_{i}"] = sub
+        in_saturated = (f"s.id IN ({', '.join(f':sat_{i}' for i in range(len(saturated)))})" if saturated
+                        else "1 = 0")
+        sql = compose(READINESS, live=LIVE, m_epoch=epoch_seconds(reader, "m.at"), bound=bound, tiered=tiered,
+                      saturated=in_saturated)
         rows = reader.rows(sql, params)
     ready: list[dict[str, Any]] = []
     for sub, customer, plan, quantity, mrr, currency, grown, changes, tier_bound, is_tiered in rows:
@@ -200,12 +217,16 @@ def expansion_readiness(engine: Engine, *, as_of: datetime | None = None, days: 
                 saturation = str(round_to_places(Fraction(int(quantity) * 100, int(tier_bound)), 2, "half_up"))
         if grown is not None:
             signals.append("seats_grew")
+        seat_ratio = saturation_of.get(sub)
+        if seat_ratio is not None and seat_ratio >= SATURATED:
+            signals.append("seats_saturated")
         ready.append({
             "customer": customer, "subscription": sub, "plan": plan, "quantity": int(quantity),
             "tier_up_to": None if tier_bound is None else int(tier_bound), "saturation": saturation,
             "seat_expansions": int(changes or 0),
             "seat_expansion_mrr": None if grown is None else str(from_minor(int(grown), currency)),
             "customer_mrr": str(from_minor(int(mrr), currency)), "currency": currency, "signals": signals,
+            "seat_saturation": None if seat_ratio is None else str(round_to_places(seat_ratio * 100, 2, "half_up")),
         })
     ready.sort(key=lambda r: (-len(r["signals"]), r["customer"], r["subscription"]))
     return ready

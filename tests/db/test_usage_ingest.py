@@ -217,3 +217,21 @@ def test_two_processes_ingesting_one_file_store_each_event_once(db: Db, tmp_path
     assert _stored(db) == 5000
     (api, *_) = current_usage(db.engine, "acme-team", as_of=datetime(2026, 1, 31, tzinfo=UTC))
     assert api.quantity == 5000
+
+
+def test_seat_saturation_is_an_expansion_readiness_signal(db: Db) -> None:
+    from expansion.accounts import expansion_readiness
+
+    _book(db)
+    rows: list[dict[str, Any] | str] = [
+        {"subscription": "acme-team", "metric": "users", "at": f"2026-01-1{i}", "value": 1, "id": f"u{i}",
+         "properties": {"user": f"user-{i % 4}"}} for i in range(6)
+    ]
+    summary = ingest(db.engine, read_jsonl(_jsonl(rows)), clock=_clock("2026-01-19T00:00:00+00:00"))
+    assert summary.accepted == 6
+    as_of = datetime(2026, 1, 19, tzinfo=UTC)
+    (sat,) = seat_saturation(db.engine, as_of=as_of)
+    assert (sat.active, sat.purchased, sat.ratio) == (Decimal(4), 4, Decimal(1))
+    (ready,) = expansion_readiness(db.engine, as_of=as_of)
+    assert (ready["subscription"], ready["seat_saturation"], ready["signals"]) == ("acme-team", "100.00",
+                                                                                  ["seats_saturated"])
