@@ -129,6 +129,10 @@ class Account:
     coupons: list[int] = field(default_factory=list)
     # MRR per (subscription, plan, product) as of the last movement, rounded so it sums to `mrr`
     legs: dict[LegKey, Decimal] = field(default_factory=dict)
+    # what links this customer's movements to its invoice lines: a tag names a period, a change
+    # or a coupon start of one of its subscriptions, so links never cross customers
+    movement_tags: dict[Tag, list[int]] = field(default_factory=dict)
+    line_tags: dict[Tag, list[LineRef]] = field(default_factory=dict)
 
 
 @dataclass
@@ -172,8 +176,10 @@ class Book:
         self.next_movement = 1
         self.next_change = 1
         self.next_coupon = 1
-        self.movement_tags: dict[Tag, list[int]] = {}
-        self.line_tags: dict[Tag, list[LineRef]] = {}
+        # creation order of customers and subscriptions (a counter, not len(): a book assembled
+        # from some customers' parts, billing.shards, continues the whole book's order)
+        self.next_customer_order = 0
+        self.next_subscription_order = 0
         self._out = Outcome()
         self._index: int | None = None
         # pending transitions: (due, stage, subscription order, subscription id), lazily
@@ -206,7 +212,13 @@ class Book:
         # a snapshot saved before credit notes existed has no credit note series yet
         state.setdefault("credit_notes", {})
         state.setdefault("next_credit_note", 1)
+        state.setdefault("next_customer_order", len(state["accounts"]))
+        state.setdefault("next_subscription_order", len(state["subscriptions"]))
+        movement_tags = state.pop("movement_tags", None)
+        line_tags = state.pop("line_tags", None)
         self.__dict__.update(state)
+        if movement_tags is not None or line_tags is not None:
+            self._own_tags(movement_tags or {}, line_tags or {})
         if "_due" not in state:  # a snapshot saved before the transition queue existed
             self._due = []
             self._queue_all()
@@ -214,6 +226,32 @@ class Book:
         for acct in self.accounts.values():
             if "legs" not in acct.__dict__:
                 acct.legs = self._leg_levels(acct)[1] if acct.mrr else {}
+
+    def _own_tags(self, movement_tags: dict[Tag, list[int]], line_tags: dict[Tag, list[LineRef]]) -> None:
+        """A snapshot saved when the link tags were the whole book's: give each customer its own.
+        A period, usage or coupon tag names a subscription; a change tag belongs to the customer
+        whose lines carry it (a change that wrote no line can no longer link to anything)."""
+        for acct in self.accounts.values():
+            acct.__dict__.setdefault("movement_tags", {})
+            acct.__dict__.setdefault("line_tags", {})
+        owners: dict[Tag, set[str]] = {}
+        for tag, refs in line_tags.items():
+            for ref in refs:
+                customer = self.invoices[ref.invoice].customer
+                owners.setdefault(tag, set()).add(customer)
+                self.accounts[customer].line_tags.setdefault(tag, []).append(ref)
+        for acct in self.accounts.values():
+            for pending in acct.pending:
+                for tag in pending.tags:
+                    owners.setdefault(tag, set()).add(acct.id)
+        for tag, ids in movement_tags.items():
+            found = owners.get(tag, set())
+            if tag[0] in ("per", "use") and tag[1] in self.subscriptions:
+                found = {self.subscriptions[tag[1]].customer}
+            elif tag[0] == "cpn" and len(tag) > 2 and tag[2] in self.subscriptions:
+                found = {self.subscriptions[tag[2]].customer}
+            for customer in found:
+                self.accounts[customer].movement_tags[tag] = list(ids)
 
     @staticmethod
     def loads(data: bytes) -> Book:
@@ -345,9 +383,10 @@ class Book:
         if cur != rep and not any(r.currency == cur for r in self.settings.fx_rates):
             raise BookError(f"currency: no fx rate for {cur} in {rep} (settings.fx_rates)")
         self.accounts[ev.customer] = Account(
-            id=ev.customer, order=len(self.accounts), currency=cur, tax_rate=ev.tax_rate,
+            id=ev.customer, order=self.next_customer_order, currency=cur, tax_rate=ev.tax_rate,
             tz=ev.timezone, tags=dict(ev.tags), locale=ev.locale, name=ev.name or ev.customer,
             created_at=ev.at)
+        self.next_customer_order += 1
 
     def _subscribe(self, ev: SubscribeEvent) -> None:
         acct = self._account(ev.customer)
@@ -363,9 +402,10 @@ class Book:
                 raise BookError(f"addons[{i}].addon: addon {entry.addon!r} listed twice")
             addons[entry.addon] = entry.quantity
         trial_days = plan.trial_days if ev.trial_days is None else ev.trial_days
-        sub = Subscription(id=ev.subscription, customer=acct.id, order=len(self.subscriptions),
+        sub = Subscription(id=ev.subscription, customer=acct.id, order=self.next_subscription_order,
                            billing_day=ev.billing_day, status="active",
                            items=Items(plan.code, ev.quantity, addons))
+        self.next_subscription_order += 1
         sub.started_at = ev.at
         self.subscriptions[sub.id] = sub
         acct.subscriptions.append(sub.id)
@@ -986,8 +1026,8 @@ class Book:
             acct.had_mrr = True
         self._out.movements.append(movement)
         for tag in tags:
-            self.movement_tags.setdefault(tag, []).append(movement.id)
-            for ref in self.line_tags.get(tag, []):
+            acct.movement_tags.setdefault(tag, []).append(movement.id)
+            for ref in acct.line_tags.get(tag, []):
                 self._out.links.append((movement.id, ref))
 
     def fx_rate(self, currency: str, at: datetime) -> Fraction:
@@ -1126,11 +1166,29 @@ class Book:
             for index, (_, tags) in enumerate(pairs):
                 ref = LineRef(invoice=number, line=index)
                 for tag in tags:
-                    self.line_tags.setdefault(tag, []).append(ref)
-                    for movement_id in self.movement_tags.get(tag, []):
+                    acct.line_tags.setdefault(tag, []).append(ref)
+                    for movement_id in acct.movement_tags.get(tag, []):
                         self._out.links.append((movement_id, ref))
 
     # -- read side -----------------------------------------------------------------------------
+
+    def next_transition_at(self, customer: str) -> datetime | None:
+        """When the clock next changes something of this customer's (a period opening, a usage
+        period closing, a scheduled change, a trial or coupon ending); None when nothing is due."""
+        times = [nxt[0] for s in self.accounts[customer].subscriptions
+                 if (nxt := self._next_transition(self.subscriptions[s])) is not None]
+        return min(times, default=None)
+
+    def billable_at(self, customer: str) -> datetime | None:
+        """From when a run has something to bill for this customer without any transition:
+        an unbilled period's start, an unbilled usage period's end, or pending prorations."""
+        acct = self.accounts[customer]
+        times = [acct.created_at] if acct.pending else []
+        for sub_id in acct.subscriptions:
+            sub = self.subscriptions[sub_id]
+            times.extend(lp.period.start for lp in sub.unbilled)
+            times.extend(up.end for up in sub.usage_unbilled)
+        return min(times, default=None)
 
     def issued_invoices(self) -> list[Invoice]:
         return [self.invoices[n] for n in self.invoice_order]

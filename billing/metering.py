@@ -301,7 +301,9 @@ def _load_book(engine: Engine) -> Book | None:
         stored = uow.book.load()
         if stored is None:
             return None
-        return Book.loads(stored.snapshot)
+        from billing.service import whole_book  # the book is kept in customer parts (billing.shards)
+
+        return whole_book(uow, stored)
 
 
 @dataclass

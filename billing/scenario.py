@@ -26,6 +26,7 @@ from pydantic import (
 from billing.catalog import Catalog
 from billing.money import check_currency, parse_decimal
 from billing.records import CreditNoteReason
+from billing.usage import parse_value
 
 Effective = Literal["immediately", "period_end"]
 
@@ -228,7 +229,8 @@ class UsageEvent(EventBase):
     @field_validator("value", mode="before")
     @classmethod
     def _value(cls, value: object) -> Decimal:
-        return parse_decimal(value, what="value")
+        # the ingester's rule (billing.usage): exact, at most 6 decimal places, below 10^12
+        return parse_value(parse_decimal(value, what="value"))
 
     @field_validator("id", mode="before")
     @classmethod

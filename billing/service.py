@@ -38,6 +38,7 @@ from billing.persistence import (
     ConcurrentModification,
     CustomerView,
     Engine,
+    PartWrite,
     StoredBook,
     StoredCommand,
     SubscriptionView,
@@ -74,6 +75,7 @@ from billing.scenario import (
     describe_validation_error,
     parse_instant,
 )
+from billing.shards import Counters, CustomerPart, assemble, counters_of, customers_of, due_of, split
 
 __all__ = [
     "Applied",
@@ -211,9 +213,8 @@ def load_catalog(
                 f"the book already holds {commands} command(s); its settings can no longer change"
             )
         _check_additive(stored.catalog, catalog)
-        book = Book.loads(stored.snapshot)
-        book.catalog = catalog
-        uow.book.save(book.dumps(), expected_version=stored.version, now=now, catalog=catalog)
+        # the customers' parts hold no catalog: the book prices with the one stored here
+        uow.book.save(stored.snapshot, expected_version=stored.version, now=now, catalog=catalog)
         uow.commit()
         return "extended"
 
@@ -250,6 +251,11 @@ def execute(
 ) -> Applied:
     """Apply one event in one transaction and say what happened (see `Applied`)."""
     ev = _as_event(event)
+    if isinstance(ev, InvoiceRunEvent):
+        from billing.runs import run_invoices_event
+
+        return run_invoices_event(engine, ev, actor=actor, idempotency_key=idempotency_key, index=index,
+                                  clock=clock, progress=progress)
     payload = ev.model_dump(mode="json", by_alias=True)
     with UnitOfWork(engine, clock=clock) as uow:
         if idempotency_key is not None:
@@ -262,12 +268,12 @@ def execute(
                     )
                 return Applied(_recorded_outcome(uow, previous), previous.id, duplicate=True)
         stored = _require_book(uow)
-        book = Book.loads(stored.snapshot)
+        book, loaded, sequences = load_parts(uow, stored, ev)
         book.use_usage_source(uow.usage)
         before = _view_of(book)
         outcome = book.apply(ev, index, discard_on_error=True)
         now = uow.now()
-        uow.book.save(book.dumps(), expected_version=stored.version, now=now)
+        save_parts(uow, book, loaded, sequences)
         command_id = uow.commands.add(
             recorded_at=now,
             at=ev.at,
@@ -291,6 +297,43 @@ def execute(
         _refresh_view(uow, before, _view_of(book), at=ev.at, now=now)
         uow.commit()
     return Applied(outcome, command_id)
+
+
+def load_parts(uow: UnitOfWork, stored: StoredBook, ev: Event,
+               customers: Sequence[str] | None = None) -> tuple[Book, dict[str, int], dict[str, int]]:
+    """A book of the customers `ev` names (or exactly `customers`) and of every customer with a
+    transition due by its time (billing.shards), with the shared counters locked for this
+    transaction; also the versions loaded and the counters as they were."""
+    sequences = uow.parts.lock_sequences(Counters.names())
+    if customers is None:
+        named = customers_of(ev, subscription_owner=lambda s: uow.parts.subscription_owners([s]).get(s),
+                             invoice_owner=uow.parts.invoice_owner)
+        stored_parts = uow.parts.load(named, transition_by=ev.at)
+    else:
+        stored_parts = uow.parts.load(customers)
+    counters = Counters(**{k: v for k, v in sequences.items() if k in Counters.names()})
+    book = assemble(Book(stored.settings, stored.catalog), [CustomerPart.loads(p.snapshot) for p in stored_parts],
+                    counters, uow.parts.clock())
+    return book, {p.customer: p.version for p in stored_parts}, sequences
+
+
+def whole_book(uow: UnitOfWork, stored: StoredBook) -> Book:
+    """Every customer's part in one book, for reading (nothing locked, nothing saved)."""
+    counters = Counters(**{k: v for k, v in uow.parts.sequences().items() if k in Counters.names()})
+    parts = [CustomerPart.loads(p.snapshot) for p in uow.parts.load_all()]
+    return assemble(Book(stored.settings, stored.catalog), parts, counters, uow.parts.clock())
+
+
+def save_parts(uow: UnitOfWork, book: Book, loaded: Mapping[str, int], sequences: dict[str, int]) -> None:
+    """Write back every customer part of `book` (version-checked), the counters and the clock."""
+    writes = []
+    for customer, part in split(book).items():
+        due = due_of(book, customer)
+        writes.append(PartWrite(customer, part.account.order, part.dumps(), loaded.get(customer),
+                                due.transition_at, due.due_at))
+    uow.parts.save(writes)
+    uow.parts.save_sequences(sequences, vars(counters_of(book)))
+    uow.parts.set_clock(book.clock)
 
 
 def apply_event(
@@ -627,7 +670,7 @@ def reverse_movement(
                     )
                 [entry] = uow.ledger.movements(command_id=previous.id)
                 return entry
-        stored = _require_book(uow)
+        _require_book(uow)
         original = uow.ledger.movement_row(movement_id)
         if original is None:
             raise NotFound(f"movement {movement_id} not found")
@@ -641,10 +684,11 @@ def reverse_movement(
         if lowest is not None and lowest - original.delta < 0:
             raise ServiceError(f"reversing movement {movement_id} would take {original.customer}'s MRR below zero "
                                "in the ledger; reverse the later entries that build on it first")
-        book = Book.loads(stored.snapshot)
-        entry = reversing_entry(original, book.allocate_movement_id())
+        sequences = uow.parts.lock_sequences(Counters.names())
+        movement_id = sequences.get("movement", 1)
+        entry = reversing_entry(original, movement_id)
         now = uow.now()
-        uow.book.save(book.dumps(), expected_version=stored.version, now=now)
+        uow.parts.save_sequences(sequences, {**sequences, "movement": movement_id + 1})
         command_id = uow.commands.add(recorded_at=now, at=original.at, type="reverse_movement", payload=payload,
                                       actor=actor, idempotency_key=idempotency_key, event_index=None)
         uow.ledger.add_movements([entry], command_id, command_key=idempotency_key)

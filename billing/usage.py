@@ -97,11 +97,11 @@ def scaled(value: Decimal, what: str = "value") -> int:
     if not value.is_finite():
         raise UsageValueError(f"{what} {value} is not a finite number")
     if abs(value) >= MAX_VALUE:
-        raise UsageValueError(f"{what} {value} is out of range (|value| must be below 10^12)")
+        raise UsageValueError(f"{what} {value:f} is out of range (|value| must be below 10^12)")
     exponent = value.as_tuple().exponent
     assert isinstance(exponent, int)
     if exponent < -DECIMALS and value != value.quantize(Decimal(1).scaleb(-DECIMALS)):
-        raise UsageValueError(f"{what} {value} has more than {DECIMALS} decimal places")
+        raise UsageValueError(f"{what} {value:f} has more than {DECIMALS} decimal places")
     return int(value.scaleb(DECIMALS))
 
 

@@ -20,6 +20,7 @@ from billing.persistence.engine import (
     sqlite_file,
     upgrade,
 )
+from billing.persistence.parts import PartWrite, StoredPart, StoredRun
 from billing.persistence.repository import (
     ConcurrentModification,
     CustomerView,
@@ -37,9 +38,12 @@ __all__ = [
     "CustomerView",
     "DatabaseError",
     "Engine",
+    "PartWrite",
     "PersistenceError",
     "StoredBook",
     "StoredCommand",
+    "StoredPart",
+    "StoredRun",
     "SubscriptionView",
     "UnitOfWork",
     "create_engine",

@@ -73,6 +73,7 @@ class BookStateRow(Base):
     snapshot: Mapped[bytes] = mapped_column(LargeBinary)
     version: Mapped[int] = mapped_column(Integer)
     updated_at: Mapped[datetime]
+    clock: Mapped[datetime | None]  # the latest command's time (0005_runs; the parts hold the rest)
 
 
 class CustomerRow(Base):

@@ -18,6 +18,7 @@ from types import TracebackType
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from billing.persistence.parts import PartsRepository, RunRepository
 from billing.persistence.repository import (
     BookStateRepository,
     CommandRepository,
@@ -36,6 +37,8 @@ class UnitOfWork:
     commands: CommandRepository
     ledger: LedgerRepository
     view: ViewRepository
+    parts: PartsRepository
+    runs: RunRepository
     usage: SqlUsage
     session: Session
 
@@ -50,6 +53,8 @@ class UnitOfWork:
         self.commands = CommandRepository(self.session)
         self.ledger = LedgerRepository(self.session)
         self.view = ViewRepository(self.session)
+        self.parts = PartsRepository(self.session)
+        self.runs = RunRepository(self.session)
         self.usage = SqlUsage(self.session)
         self._committed = False
         return self

@@ -54,6 +54,20 @@ class FakeBook:
         self.applied = 0
         self.accounts: dict[str, Any] = {}
         self.subscriptions: dict[str, Any] = {}
+        # what billing.shards.assemble fills and split / counters_of read
+        self.coupons: dict[int, Any] = {}
+        self.invoices: dict[str, Any] = {}
+        self.invoice_order: list[str] = []
+        self.credit_notes: dict[str, Any] = {}
+        self.clock: datetime | None = None
+        self.next_invoice = self.next_credit_note = self.next_movement = self.next_change = self.next_coupon = 1
+        self.next_customer_order = self.next_subscription_order = 0
+
+    def _queue_all(self) -> None:
+        pass
+
+    def use_usage_source(self, source: object) -> None:
+        pass
 
     def apply(self, event: Event, index: int | None = None, *, discard_on_error: bool = False) -> Outcome:
         outcome = FakeBook.script(self, event, index) if FakeBook.script is not None else Outcome()
@@ -75,6 +89,14 @@ class FakeBook:
         book = FakeBook(Settings.model_validate(raw["settings"]), Catalog.model_validate(raw["catalog"]))
         book.applied = raw["applied"]
         return book
+
+
+def scripted_command(engine: Engine, at: str = "2026-02-01", *, actor: str = "test") -> Outcome:
+    """A command that goes through `service.execute` whatever the (fake) book makes of it: a
+    payment of an invoice no customer has, so no customer part is loaded."""
+    from billing import service
+
+    return service.apply_event(engine, {"type": "pay", "at": f"{at}T00:00:00Z", "invoice": "SCRIPTED"}, actor=actor)
 
 
 # --- record builders --------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
-from dbkit import Db, FakeBook, invoice, line
+from dbkit import Db, FakeBook, invoice, line, scripted_command
 from sqlalchemy import inspect, select
 
 from billing import service
@@ -147,14 +147,14 @@ def test_a_note_the_database_refuses_takes_the_whole_command_back(acme: Db,
         update={"invoice_line": 7}),)})
     monkeypatch.setattr(FakeBook, "script", lambda book, event, index: Outcome(credit_notes=[good, bad]))
     with pytest.raises(Exception, match="(?i)foreign key|violates"):
-        service.run_invoices(acme.engine, "2026-01-05", actor="t")
+        scripted_command(acme.engine, "2026-01-05", actor="t")
     assert everything(acme) == before
     # and a note for an invoice the database does not have
     monkeypatch.setattr(FakeBook, "script", lambda book, event, index: Outcome(
         issued=[invoice("INV-0002", "USD", [line("5.00", sub="acme-team")], customer="acme")],
         credit_notes=[good.model_copy(update={"invoice": "INV-0404"})]))
     with pytest.raises(Exception, match="(?i)foreign key|violates"):
-        service.run_invoices(acme.engine, "2026-01-05", actor="t")
+        scripted_command(acme.engine, "2026-01-05", actor="t")
     assert everything(acme) == before
 
 

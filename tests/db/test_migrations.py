@@ -15,19 +15,24 @@ from billing.persistence.tables import Base
 
 TABLES = {
     "alembic_version",
+    "billed_periods",
     "book_state",
     "commands",
     "credit_note_lines",
     "credit_notes",
+    "customer_books",
     "customer_mrr_months",
     "customers",
     "invoice_lines",
+    "invoice_run_customers",
+    "invoice_runs",
     "invoices",
     "movement_invoice_lines",
     "mrr_month_flows",
     "mrr_month_measures",
     "mrr_movement_legs",
     "mrr_movements",
+    "number_sequences",
     "subscriptions",
     "usage_events",
 }
@@ -37,7 +42,7 @@ def test_upgrade_creates_every_table(empty_db: Db) -> None:
     assert current_revision(empty_db.engine) is None
     upgrade(empty_db.engine)
     assert set(inspect(empty_db.engine).get_table_names()) == TABLES
-    assert current_revision(empty_db.engine) == head_revision() == "0004_usage"
+    assert current_revision(empty_db.engine) == head_revision() == "0005_runs"
 
 
 def test_migrated_schema_matches_the_models(db: Db) -> None:
@@ -67,5 +72,5 @@ def test_upgrade_is_idempotent_and_downgrade_reverses_it(db: Db) -> None:
 
 
 def test_init_database_from_a_url(empty_db: Db) -> None:
-    assert service.init_database(empty_db.url) == "0004_usage"
+    assert service.init_database(empty_db.url) == "0005_runs"
     service.check_schema(empty_db.engine)

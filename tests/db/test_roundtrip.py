@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
-from dbkit import Db, FakeBook, invoice, line, t
+from dbkit import Db, FakeBook, invoice, line, scripted_command, t
 from sqlalchemy import select
 
 from billing import service
@@ -17,7 +17,7 @@ from billing.money import MoneyError
 from billing.persistence import UnitOfWork
 from billing.persistence.tables import InvoiceLineRow, InvoiceRow, MovementLineRow, MovementRow
 from billing.records import Contraction, Expansion, LineRef, New
-from billing.scenario import InvoiceRunEvent, Settings
+from billing.scenario import Settings
 
 USD = invoice("INV-1", "USD", [
     line("1234.56", quantity="25", unit="49.3824"),
@@ -54,7 +54,7 @@ def scripted(db: Db, fake_book: type[FakeBook]) -> Db:
     fake_book.script = lambda book, event, index: Outcome(
         issued=[USD, JPY, KWD], movements=list(movements()), links=list(LINKS))
     service.load_catalog(db.engine, Catalog(), Settings())
-    service.run_invoices(db.engine, "2026-02-01", actor="test")
+    scripted_command(db.engine, "2026-02-01", actor="test")
     return db
 
 
@@ -98,7 +98,7 @@ def test_instants_are_utc_aware_whatever_zone_they_were_written_in(db: Db, fake_
     shifted = USD.model_copy(update={"issued_at": at})
     fake_book.script = lambda book, event, index: Outcome(issued=[shifted])
     service.load_catalog(db.engine, Catalog(), Settings())
-    service.run_invoices(db.engine, "2026-03-01", actor="test")
+    scripted_command(db.engine, "2026-03-01", actor="test")
     back = service.get_invoice(db.engine, "INV-1")
     assert back.issued_at == at
     assert back.issued_at.utcoffset() == timedelta(0)
@@ -110,14 +110,13 @@ def test_an_unrounded_amount_is_refused_not_truncated(db: Db, fake_book: type[Fa
     fake_book.script = lambda book, event, index: Outcome(issued=[bad])
     service.load_catalog(db.engine, Catalog(), Settings())
     with pytest.raises(MoneyError, match="not rounded"):
-        service.apply_event(db.engine, InvoiceRunEvent(type="invoice_run", at=t("2026-02-01T00:00:00Z")),
-                            actor="test")
+        scripted_command(db.engine, "2026-02-01")
     assert service.list_invoices(db.engine) == []
 
 
 def test_links_are_not_duplicated_when_rediscovered(scripted: Db, fake_book: type[FakeBook]) -> None:
     fake_book.script = lambda book, event, index: Outcome(links=[LINKS[0], (3, LineRef(invoice="INV-3", line=0))])
-    service.run_invoices(scripted.engine, "2026-03-01", actor="test")
+    scripted_command(scripted.engine, "2026-03-01", actor="test")
     with UnitOfWork(scripted.engine) as uow:
         count = len(list(uow.session.scalars(select(MovementLineRow))))
     assert count == 5

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dbkit import Db, FakeBook, invoice, line
+from dbkit import Db, FakeBook, invoice, line, scripted_command
 from sqlalchemy import select
 
 from billing import service
@@ -113,12 +113,12 @@ def test_a_failure_after_partial_writes_rolls_everything_back(acme: Db, monkeypa
     monkeypatch.setattr(FakeBook, "script", lambda book, event, index: Outcome(
         issued=[invoice("NEW-1", "USD", [line("5.00")]), invoice(existing.number, "USD", [line("5.00")])]))
     with pytest.raises(Exception, match="(?i)unique|duplicate|constraint"):
-        service.run_invoices(acme.engine, "2026-01-05", actor="t")
+        scripted_command(acme.engine, "2026-01-05", actor="t")
     assert everything(acme) == before
 
     monkeypatch.setattr(FakeBook, "script", lambda book, event, index: Outcome(status_changes=[("NOPE", "paid")]))
     with pytest.raises(PersistenceError, match="NOPE"):
-        service.run_invoices(acme.engine, "2026-01-05", actor="t")
+        scripted_command(acme.engine, "2026-01-05", actor="t")
     assert everything(acme) == before
 
 

@@ -1,0 +1,303 @@
+"""Repositories of the book in customer parts, the shared sequences, invoice runs and billed
+periods (tables in `billing.persistence.run_tables`). Set-based: a batch is loaded in one query
+per kind and written with executemany; nothing here commits."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, cast
+
+from sqlalchemy import Integer, String, Table, and_, bindparam, func, insert, literal, select, update
+from sqlalchemy.orm import Session
+
+from billing.persistence.repository import ConcurrentModification
+from billing.persistence.run_tables import (
+    BilledPeriodRow,
+    CustomerBookRow,
+    InvoiceRunCustomerRow,
+    InvoiceRunRow,
+    NumberSequenceRow,
+)
+from billing.persistence.tables import BookStateRow, InvoiceRow, SubscriptionRow
+from billing.records import Invoice
+
+_CHUNK = 500
+PREFIXES = {"invoice": "INV-", "credit_note": "CN-"}
+
+
+@dataclass(frozen=True)
+class StoredPart:
+    customer: str
+    position: int
+    snapshot: bytes
+    version: int
+
+
+@dataclass(frozen=True)
+class PartWrite:
+    customer: str
+    position: int
+    snapshot: bytes
+    version: int | None  # the version loaded; None for a new customer
+    transition_at: datetime | None
+    due_at: datetime | None
+
+
+class PartsRepository:
+    """`customer_books`, `number_sequences` and the book's clock."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    # sequences and clock
+
+    def lock_sequences(self, names: Sequence[str]) -> dict[str, int]:
+        """The next values, locked until the transaction ends (`SELECT … FOR UPDATE` on
+        PostgreSQL; SQLite has one writer). A series not there yet starts at its default."""
+        rows = self.session.execute(
+            select(NumberSequenceRow.series, NumberSequenceRow.next).order_by(NumberSequenceRow.series)
+            .with_for_update()
+        ).all()
+        return {series: int(value) for series, value in rows}
+
+    def sequences(self) -> dict[str, int]:
+        rows = self.session.execute(select(NumberSequenceRow.series, NumberSequenceRow.next))
+        return {series: int(value) for series, value in rows}
+
+    def load_all(self) -> list[StoredPart]:
+        rows = self.session.execute(select(CustomerBookRow.customer, CustomerBookRow.position,
+                                           CustomerBookRow.snapshot, CustomerBookRow.version)
+                                    .order_by(CustomerBookRow.position))
+        return [StoredPart(r.customer, r.position, bytes(r.snapshot), r.version) for r in rows]
+
+    def save_sequences(self, before: dict[str, int], after: dict[str, int]) -> None:
+        for series, value in after.items():
+            if series not in before:
+                self.session.execute(insert(NumberSequenceRow).values(
+                    series=series, prefix=PREFIXES.get(series, ""), next=value))
+            elif before[series] != value:
+                self.session.execute(
+                    update(NumberSequenceRow).where(NumberSequenceRow.series == series).values(next=value)
+                    .execution_options(synchronize_session=False))
+
+    def clock(self) -> datetime | None:
+        return self.session.scalar(select(BookStateRow.clock))
+
+    def set_clock(self, at: datetime | None) -> None:
+        self.session.execute(update(BookStateRow).where(BookStateRow.id == 1).values(clock=at)
+                             .execution_options(synchronize_session=False))
+
+    # parts
+
+    def load(self, customers: Iterable[str] = (), *, transition_by: datetime | None = None) -> list[StoredPart]:
+        """The named customers' parts and those with a transition due by `transition_by`."""
+        names = sorted(set(customers))
+        cols = (CustomerBookRow.customer, CustomerBookRow.position, CustomerBookRow.snapshot,
+                CustomerBookRow.version)
+        found: dict[str, StoredPart] = {}
+        for start in range(0, len(names), _CHUNK):
+            chunk = names[start:start + _CHUNK]
+            for row in self.session.execute(select(*cols).where(CustomerBookRow.customer.in_(chunk))):
+                found[row.customer] = StoredPart(row.customer, row.position, bytes(row.snapshot), row.version)
+        if transition_by is not None:
+            for row in self.session.execute(select(*cols).where(CustomerBookRow.transition_at <= transition_by)):
+                found[row.customer] = StoredPart(row.customer, row.position, bytes(row.snapshot), row.version)
+        return sorted(found.values(), key=lambda p: p.position)
+
+    def due_customers(self, as_of: datetime) -> list[str]:
+        return list(self.session.scalars(select(CustomerBookRow.customer).where(CustomerBookRow.due_at <= as_of)
+                                         .order_by(CustomerBookRow.position)))
+
+    def count_due(self, *, transition_by: datetime) -> int:
+        return self.session.scalar(select(func.count()).select_from(CustomerBookRow)
+                                   .where(CustomerBookRow.transition_at <= transition_by)) or 0
+
+    def save(self, writes: Sequence[PartWrite]) -> None:
+        """Insert new customers' parts, update the others if their version is still the one
+        loaded (else `ConcurrentModification`: another command changed one of them)."""
+        new = [w for w in writes if w.version is None]
+        if new:
+            self.session.execute(insert(CustomerBookRow), [
+                {"customer": w.customer, "position": w.position, "snapshot": w.snapshot, "version": 1,
+                 "transition_at": w.transition_at, "due_at": w.due_at} for w in new])
+        old = [w for w in writes if w.version is not None]
+        if not old:
+            return
+        table = cast(Table, CustomerBookRow.__table__)
+        statement = (
+            update(table)
+            .where(and_(table.c.customer == _bind("b_customer"), table.c.version == _bind("b_version")))
+            .values(snapshot=_bind("b_snapshot"), version=table.c.version + 1,
+                    transition_at=_bind("b_transition_at"), due_at=_bind("b_due_at"))
+        )
+        params = [{"b_customer": w.customer, "b_version": w.version, "b_snapshot": w.snapshot,
+                   "b_transition_at": w.transition_at, "b_due_at": w.due_at} for w in old]
+        connection = self.session.connection()
+        if connection.dialect.supports_sane_multi_rowcount:
+            result = connection.execute(statement, params)
+            changed = result.rowcount
+        else:
+            changed = sum(connection.execute(statement, p).rowcount for p in params)
+        if changed != len(old):
+            raise ConcurrentModification(
+                "a customer changed since it was loaded (another command or run won); retry")
+
+    def position_of(self, customer: str) -> int | None:
+        return self.session.scalar(select(CustomerBookRow.position).where(CustomerBookRow.customer == customer))
+
+    def subscription_owners(self, ids: Iterable[str]) -> dict[str, str]:
+        names = sorted(set(ids))
+        if not names:
+            return {}
+        rows = self.session.execute(
+            select(SubscriptionRow.id, SubscriptionRow.customer).where(SubscriptionRow.id.in_(names)))
+        return {row.id: row.customer for row in rows}
+
+    def invoice_owner(self, number: str) -> str | None:
+        return self.session.scalar(select(InvoiceRow.customer).where(InvoiceRow.number == number))
+
+    # never twice
+
+    def add_billed_periods(self, invoices: Sequence[Invoice]) -> None:
+        """One row per (subscription, licensed or usage, period) the invoices bill: the primary
+        key refuses a second invoice for a period already billed (void ones included)."""
+        rows: dict[tuple[str, str, datetime, datetime], str] = {}
+        for invoice in invoices:
+            for line in invoice.lines:
+                if line.kind in ("plan", "usage") and line.subscription is not None \
+                        and line.period_start is not None and line.period_end is not None:
+                    kind = "usage" if line.kind == "usage" else "licensed"
+                    rows.setdefault((line.subscription, kind, line.period_start, line.period_end), invoice.number)
+        if rows:
+            self.session.execute(insert(BilledPeriodRow), [
+                {"subscription": s, "kind": k, "period_start": a, "period_end": b, "invoice_number": n}
+                for (s, k, a, b), n in rows.items()])
+
+
+def _bind(name: str) -> Any:
+    return bindparam(name)
+
+
+# --- invoice runs -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredRun:
+    id: int
+    as_of: datetime
+    state: str
+    command_id: int
+    actor: str
+    customers: int
+    created_at: datetime
+    updated_at: datetime
+    error: str | None
+
+
+class RunRepository:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def create(self, *, as_of: datetime, command_id: int, actor: str, now: datetime) -> int:
+        result = self.session.execute(insert(InvoiceRunRow).values(
+            as_of=as_of, state="planned", command_id=command_id, actor=actor, customers=0, created_at=now,
+            updated_at=now).returning(InvoiceRunRow.id))
+        return int(result.scalar_one())
+
+    def plan(self, run_id: int, as_of: datetime) -> int:
+        """Enter every customer due by `as_of` as pending (one INSERT … SELECT)."""
+        chosen = select(
+            literal(run_id, Integer), CustomerBookRow.customer, CustomerBookRow.position,
+            literal("pending", String), literal(0, Integer), literal(0, Integer),
+        ).where(CustomerBookRow.due_at <= as_of)
+        self.session.execute(
+            insert(InvoiceRunCustomerRow).from_select(
+                ["run_id", "customer", "position", "state", "invoices", "attempts"], chosen)
+        )
+        count = self.session.scalar(select(func.count()).select_from(InvoiceRunCustomerRow)
+                                    .where(InvoiceRunCustomerRow.run_id == run_id)) or 0
+        self.session.execute(update(InvoiceRunRow).where(InvoiceRunRow.id == run_id).values(customers=count))
+        return count
+
+    def by_command(self, command_id: int) -> StoredRun | None:
+        row = self.session.scalars(select(InvoiceRunRow).where(InvoiceRunRow.command_id == command_id)).first()
+        return None if row is None else _run(row)
+
+    def get(self, run_id: int) -> StoredRun | None:
+        row = self.session.get(InvoiceRunRow, run_id)
+        return None if row is None else _run(row)
+
+    def unfinished(self, as_of: datetime) -> StoredRun | None:
+        row = self.session.scalars(
+            select(InvoiceRunRow).where(InvoiceRunRow.as_of == as_of,
+                                        InvoiceRunRow.state.in_(("planned", "drafting", "finalizing")))
+            .order_by(InvoiceRunRow.id).limit(1)).first()
+        return None if row is None else _run(row)
+
+    def latest(self) -> StoredRun | None:
+        row = self.session.scalars(select(InvoiceRunRow).order_by(InvoiceRunRow.id.desc()).limit(1)).first()
+        return None if row is None else _run(row)
+
+    def set_state(self, run_id: int, state: str, *, now: datetime, error: str | None = None) -> None:
+        self.session.execute(update(InvoiceRunRow).where(InvoiceRunRow.id == run_id)
+                             .values(state=state, updated_at=now, error=error)
+                             .execution_options(synchronize_session=False))
+
+    def claim(self, run_id: int, limit: int, *, skip_locked: bool) -> list[str]:
+        """The next pending customers in creation order, locked until the transaction ends; with
+        `skip_locked` (PostgreSQL workers) rows another worker holds are passed over."""
+        query = (select(InvoiceRunCustomerRow.customer)
+                 .where(InvoiceRunCustomerRow.run_id == run_id, InvoiceRunCustomerRow.state == "pending")
+                 .order_by(InvoiceRunCustomerRow.position).limit(limit))
+        if skip_locked:
+            query = query.with_for_update(skip_locked=True)
+        return list(self.session.scalars(query))
+
+    def finish(self, run_id: int, done: dict[str, int], failed: dict[str, str]) -> None:
+        table = cast(Table, InvoiceRunCustomerRow.__table__)
+        connection = self.session.connection()
+        if done:
+            connection.execute(
+                update(table).where(and_(table.c.run_id == run_id, table.c.customer == _bind("b_customer")))
+                .values(state="done", invoices=_bind("b_invoices"), attempts=table.c.attempts + 1, error=None),
+                [{"b_customer": c, "b_invoices": n} for c, n in done.items()])
+        if failed:
+            connection.execute(
+                update(table).where(and_(table.c.run_id == run_id, table.c.customer == _bind("b_customer")))
+                .values(state="failed", attempts=table.c.attempts + 1, error=_bind("b_error")),
+                [{"b_customer": c, "b_error": e} for c, e in failed.items()])
+
+    def progress(self, run_id: int) -> dict[str, int]:
+        rows = self.session.execute(
+            select(InvoiceRunCustomerRow.state, func.count()).where(InvoiceRunCustomerRow.run_id == run_id)
+            .group_by(InvoiceRunCustomerRow.state))
+        out = {"pending": 0, "done": 0, "failed": 0}
+        out.update({state: int(count) for state, count in rows})
+        return out
+
+    def failures(self, run_id: int) -> list[tuple[str, str]]:
+        rows = self.session.execute(
+            select(InvoiceRunCustomerRow.customer, InvoiceRunCustomerRow.error)
+            .where(InvoiceRunCustomerRow.run_id == run_id, InvoiceRunCustomerRow.state == "failed")
+            .order_by(InvoiceRunCustomerRow.position))
+        return [(customer, error or "") for customer, error in rows]
+
+    def retry_failed(self, run_id: int) -> None:
+        self.session.execute(update(InvoiceRunCustomerRow)
+                             .where(InvoiceRunCustomerRow.run_id == run_id, InvoiceRunCustomerRow.state == "failed")
+                             .values(state="pending").execution_options(synchronize_session=False))
+
+    def invoices_of(self, command_id: int) -> list[tuple[str, str, int, int, int]]:
+        """(number, currency, total, credit_applied, amount_due) of a run's invoices."""
+        rows = self.session.execute(
+            select(InvoiceRow.number, InvoiceRow.currency, InvoiceRow.total, InvoiceRow.credit_applied,
+                   InvoiceRow.amount_due).where(InvoiceRow.command_id == command_id).order_by(InvoiceRow.seq))
+        return [(r.number, r.currency, int(r.total), int(r.credit_applied), int(r.amount_due)) for r in rows]
+
+
+def _run(row: InvoiceRunRow) -> StoredRun:
+    return StoredRun(id=row.id, as_of=row.as_of, state=row.state, command_id=row.command_id, actor=row.actor,
+                     customers=row.customers, created_at=row.created_at, updated_at=row.updated_at, error=row.error)
+

@@ -1,0 +1,341 @@
+"""Invoice runs as records: planned, drafting, finalizing, done (or failed), resumable.
+
+A run at `as_of` is a row in `invoice_runs` and one row per customer due by then in
+`invoice_run_customers` (planned in one INSERT … SELECT over `customer_books.due_at`). It then
+works through the pending customers in creation order, a batch at a time; each batch is one
+transaction: load the batch's customer parts in one query, assemble a book of them
+(billing.shards), apply the run with the pure core, take the invoice numbers from the locked
+`number_sequences` row, write parts, invoices, lines, billed periods, movements and links with
+executemany, and mark the batch's customers done — or nothing at all if anything fails.
+
+- **Resume.** A run killed at any point (even `kill -9`) is resumed by the same command: the
+  unfinished run at that `as_of` carries on with its pending customers; customers marked done
+  were committed with their invoices and are not touched again.
+- **Failures.** A customer the book refuses (bad data, a rating error) is recorded as failed
+  with the reason and the run carries on; its part is left as it was, so it is still due and the
+  next run at that date bills it.
+- **Never twice.** What a run bills is taken out of the customer's part in the same transaction
+  that writes the invoice, and `billed_periods` has one primary-key row per billed subscription
+  period: a second invoice for it cannot be written, whatever the code does.
+- **Gap-free numbers.** Numbers are taken at finalization from the sequence row, locked by the
+  batch's transaction; a batch that rolls back takes none.
+- **Dropped connections.** A batch that fails with a database error (a dropped connection, a
+  serialization failure, a version conflict) is rolled back whole and retried.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import TYPE_CHECKING
+
+from billing.book import Book, BookError, Outcome
+from billing.money import from_minor
+from billing.persistence import ConcurrentModification, DatabaseError, Engine, UnitOfWork, utc_now
+from billing.records import Invoice, LineRef
+from billing.scenario import InvoiceRunEvent
+
+if TYPE_CHECKING:
+    from billing.service import Applied
+
+ProgressCallback = Callable[[int, int], None]
+BATCH = 500
+RETRIES = 5
+
+
+@dataclass
+class RunSummary:
+    """What a run did: for the closing summary (`--json`)."""
+
+    run_id: int | None
+    as_of: datetime
+    state: str
+    customers: int = 0
+    done: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    invoices: int = 0
+    totals: dict[str, Decimal] = field(default_factory=dict)
+    credit_applied: dict[str, Decimal] = field(default_factory=dict)
+    amount_due: dict[str, Decimal] = field(default_factory=dict)
+    seconds: float = 0.0
+    dry_run: bool = False
+    resumed: bool = False
+    batches: int = 0
+    retries: int = 0
+
+    def count(self, invoices: Sequence[Invoice]) -> None:
+        for invoice in invoices:
+            cur = invoice.currency
+            self.invoices += 1
+            self.totals[cur] = self.totals.get(cur, Decimal(0)) + invoice.total
+            self.credit_applied[cur] = self.credit_applied.get(cur, Decimal(0)) + invoice.credit_applied
+            self.amount_due[cur] = self.amount_due.get(cur, Decimal(0)) + invoice.amount_due
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "run": self.run_id, "as_of": self.as_of.isoformat(), "state": self.state, "dry_run": self.dry_run,
+            "resumed": self.resumed, "customers": self.customers, "done": self.done,
+            "failed": [{"customer": c, "error": e} for c, e in self.failed], "invoices": self.invoices,
+            "totals": {c: str(v) for c, v in sorted(self.totals.items())},
+            "credit_applied": {c: str(v) for c, v in sorted(self.credit_applied.items())},
+            "amount_due": {c: str(v) for c, v in sorted(self.amount_due.items())},
+            "seconds": round(self.seconds, 3),
+        }
+
+
+@dataclass
+class _Batch:
+    outcome: Outcome
+    done: dict[str, int]
+    failed: dict[str, str]
+
+
+def run_invoices_event(engine: Engine, ev: InvoiceRunEvent, *, actor: str, idempotency_key: str | None = None,
+                       index: int | None = None, clock: Callable[[], datetime] = utc_now,
+                       progress: ProgressCallback | None = None) -> Applied:
+    """`service.execute` for an invoice run: the run record, its batches, the combined outcome."""
+    from billing.service import Applied, ServiceError, _recorded_outcome
+
+    if idempotency_key is not None:
+        payload = ev.model_dump(mode="json", by_alias=True)
+        with UnitOfWork(engine) as uow:
+            previous = uow.commands.by_key(idempotency_key)
+            if previous is not None:
+                if previous.payload != payload:
+                    raise ServiceError(
+                        f"idempotency key {idempotency_key!r} was already used for a different "
+                        f"{previous.type} command (#{previous.id})")
+                found = uow.runs.by_command(previous.id)
+                if found is None or found.state in ("done", "failed"):
+                    return Applied(_recorded_outcome(uow, previous), previous.id, duplicate=True)
+    outcome = Outcome()
+    summary = run(engine, ev, actor=actor, idempotency_key=idempotency_key, index=index, clock=clock,
+                  progress=progress, collect=outcome)
+    assert summary.run_id is not None
+    with UnitOfWork(engine) as uow:
+        stored = uow.runs.get(summary.run_id)
+        assert stored is not None
+        command_id = stored.command_id
+    return Applied(outcome, command_id)
+
+
+def run(engine: Engine, ev: InvoiceRunEvent, *, actor: str, idempotency_key: str | None = None,
+        index: int | None = None, clock: Callable[[], datetime] = utc_now, progress: ProgressCallback | None = None,
+        batch: int = BATCH, dry_run: bool = False, collect: Outcome | None = None,
+        join: int | None = None, skip_locked: bool = False,
+        fault: Callable[[int], None] | None = None) -> RunSummary:
+    """Plan (or resume, or join) the run at `ev.at` and bill its customers batch by batch.
+
+    `collect` receives every batch's outcome (the replay and `service.execute` need them; a
+    large run leaves it out to keep memory flat). `fault(batch_number)` is called inside each
+    batch's transaction before it commits (tests use it to break a batch)."""
+    started = time.perf_counter()
+    if dry_run:
+        return _dry_run(engine, ev, index=index, batch=batch, started=started, collect=collect)
+    run_id, command_id, resumed = _plan(engine, ev, actor=actor, idempotency_key=idempotency_key, index=index,
+                                        clock=clock, join=join)
+    summary = RunSummary(run_id=run_id, as_of=ev.at, state="drafting", resumed=resumed)
+    with UnitOfWork(engine) as uow:
+        counts = uow.runs.progress(run_id)
+    total = sum(counts.values())
+    done_count = counts["done"] + counts["failed"]
+    while True:
+        attempt = 0
+        while True:
+            try:
+                result = _bill_batch(engine, run_id, command_id, ev, index=index, batch=batch, clock=clock,
+                                     skip_locked=skip_locked, fault=fault, number=summary.batches)
+                break
+            except (DatabaseError, ConcurrentModification):
+                attempt += 1
+                summary.retries += 1
+                if attempt > RETRIES:
+                    raise
+                time.sleep(min(0.05 * 2 ** attempt, 1.0))
+        if result is None:
+            break
+        summary.batches += 1
+        done_count += len(result.done) + len(result.failed)
+        summary.count(result.outcome.issued)
+        if collect is not None:
+            collect.issued.extend(result.outcome.issued)
+            collect.movements.extend(result.outcome.movements)
+            collect.links.extend(result.outcome.links)
+            collect.status_changes.extend(result.outcome.status_changes)
+        if progress is not None:
+            progress(done_count, total)
+    return _close(engine, run_id, command_id, summary, clock=clock, started=started)
+
+
+def _plan(engine: Engine, ev: InvoiceRunEvent, *, actor: str, idempotency_key: str | None, index: int | None,
+          clock: Callable[[], datetime], join: int | None) -> tuple[int, int, bool]:
+    payload = ev.model_dump(mode="json", by_alias=True)
+    with UnitOfWork(engine, clock=clock) as uow:
+        if join is not None:
+            stored = uow.runs.get(join)
+            if stored is None:
+                raise BookError(f"run {join} not found")
+            return stored.id, stored.command_id, True
+        if idempotency_key is not None:
+            previous = uow.commands.by_key(idempotency_key)
+            if previous is not None:
+                found = uow.runs.by_command(previous.id)
+                if found is not None:
+                    return found.id, found.command_id, True
+        unfinished = uow.runs.unfinished(ev.at)
+        if unfinished is not None:
+            return unfinished.id, unfinished.command_id, True
+        if uow.book.load() is None:
+            from billing.service import ServiceError
+
+            raise ServiceError("no catalog loaded; run `billing catalog load FILE` first")
+        book_clock = uow.parts.clock()
+        if book_clock is not None and ev.at < book_clock:
+            where = f"events[{index}] (invoice_run): " if index is not None else "invoice_run: "
+            raise BookError(f"{where}at: time goes backwards ({ev.at.isoformat()} is before "
+                            f"{book_clock.isoformat()})")
+        now = uow.now()
+        command_id = uow.commands.add(recorded_at=now, at=ev.at, type=ev.type, payload=payload, actor=actor,
+                                      idempotency_key=idempotency_key, event_index=index)
+        run_id = uow.runs.create(as_of=ev.at, command_id=command_id, actor=actor, now=now)
+        uow.runs.plan(run_id, ev.at)
+        uow.runs.set_state(run_id, "drafting", now=now)
+        uow.parts.set_clock(ev.at)
+        uow.commit()
+    return run_id, command_id, False
+
+
+def _bill_batch(engine: Engine, run_id: int, command_id: int, ev: InvoiceRunEvent, *, index: int | None, batch: int,
+                clock: Callable[[], datetime], skip_locked: bool, fault: Callable[[int], None] | None,
+                number: int) -> _Batch | None:
+    from billing.service import _refresh_view, _require_book, _view_of, load_parts, save_parts
+
+    with UnitOfWork(engine, clock=clock) as uow:
+        customers = uow.runs.claim(run_id, batch, skip_locked=skip_locked)
+        if not customers:
+            return None
+        stored = _require_book(uow)
+        book, loaded, sequences = load_parts(uow, stored, ev, customers)
+        book.use_usage_source(uow.usage)
+        before = _view_of(book)
+        failed: dict[str, str] = {}
+        try:
+            outcome = book.apply(ev, index, discard_on_error=True)
+        except BookError:
+            book, outcome, failed = _one_by_one(uow, stored, ev, customers, index=index)
+        now = uow.now()
+        save_parts(uow, book, {c: v for c, v in loaded.items() if c not in failed}, sequences)
+        uow.ledger.add_invoices(outcome.issued, command_id)
+        uow.parts.add_billed_periods(outcome.issued)
+        uow.ledger.add_movements(outcome.movements, command_id, command_key=f"run:{run_id}:{number}:{customers[0]}")
+        own_links = [(m.id, ref) for m in outcome.movements for ref in m.invoice_lines]
+        uow.ledger.add_links([*own_links, *outcome.links], command_id)
+        _refresh_view(uow, before, _view_of(book), at=ev.at, now=now)
+        issued: dict[str, int] = {c: 0 for c in customers if c not in failed}
+        for invoice in outcome.issued:
+            issued[invoice.customer] = issued.get(invoice.customer, 0) + 1
+        uow.runs.finish(run_id, issued, failed)
+        if fault is not None:
+            fault(number)
+        uow.commit()
+    return _Batch(outcome, issued, failed)
+
+
+def _one_by_one(uow: UnitOfWork, stored: object, ev: InvoiceRunEvent, customers: Sequence[str], *,
+                index: int | None) -> tuple[Book, Outcome, dict[str, str]]:
+    """The batch again, a customer at a time, to find who fails: the others are billed in one
+    book (their parts re-assembled), the failing ones recorded with the book's reason."""
+    from billing.service import load_parts
+
+    failed: dict[str, str] = {}
+    for customer in customers:
+        book, _, _ = load_parts(uow, stored, ev, [customer])  # type: ignore[arg-type]
+        book.use_usage_source(uow.usage)
+        try:
+            book.apply(ev, index, discard_on_error=True)
+        except BookError as exc:
+            failed[customer] = str(exc)
+    good = [c for c in customers if c not in failed]
+    book, _, _ = load_parts(uow, stored, ev, good)  # type: ignore[arg-type]
+    book.use_usage_source(uow.usage)
+    outcome = book.apply(ev, index, discard_on_error=True) if good else Outcome()
+    return book, outcome, failed
+
+
+def _close(engine: Engine, run_id: int, command_id: int, summary: RunSummary, *, clock: Callable[[], datetime],
+           started: float) -> RunSummary:
+    with UnitOfWork(engine, clock=clock) as uow:
+        counts = uow.runs.progress(run_id)
+        stored = uow.runs.get(run_id)
+        assert stored is not None
+        if counts["pending"] == 0 and stored.state in ("planned", "drafting"):
+            uow.runs.set_state(run_id, "finalizing", now=uow.now())
+            uow.runs.set_state(run_id, "done", now=uow.now())
+        uow.commit()
+    with UnitOfWork(engine) as uow:
+        stored = uow.runs.get(run_id)
+        assert stored is not None
+        counts = uow.runs.progress(run_id)
+        summary.state = stored.state
+        summary.customers = stored.customers
+        summary.done = counts["done"]
+        summary.failed = uow.runs.failures(run_id)
+        if summary.resumed:  # the invoices written before the resume count too
+            summary.invoices = 0
+            summary.totals, summary.credit_applied, summary.amount_due = {}, {}, {}
+            for _number, cur, total, credit, due in uow.runs.invoices_of(command_id):
+                summary.invoices += 1
+                for target, value in ((summary.totals, total), (summary.credit_applied, credit),
+                                      (summary.amount_due, due)):
+                    target[cur] = target.get(cur, Decimal(0)) + from_minor(value, cur)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _dry_run(engine: Engine, ev: InvoiceRunEvent, *, index: int | None, batch: int, started: float,
+             collect: Outcome | None) -> RunSummary:
+    """What the run would bill, computed batch by batch in transactions that are rolled back."""
+    from billing.service import _require_book, load_parts
+
+    summary = RunSummary(run_id=None, as_of=ev.at, state="dry_run", dry_run=True)
+    with UnitOfWork(engine) as uow:
+        due = uow.parts.due_customers(ev.at)
+    summary.customers = len(due)
+    counters: Mapping[str, int] | None = None
+    for start in range(0, len(due), batch):
+        chunk = due[start:start + batch]
+        with UnitOfWork(engine) as uow:
+            stored = _require_book(uow)
+            book, _, sequences = load_parts(uow, stored, ev, chunk)
+            if counters is not None:
+                _continue_counters(book, counters)
+            book.use_usage_source(uow.usage)
+            try:
+                outcome = book.apply(ev, index, discard_on_error=True)
+            except BookError:
+                book, outcome, failed = _one_by_one(uow, stored, ev, chunk, index=index)
+                summary.failed.extend(failed.items())
+            from billing.shards import counters_of
+
+            counters = vars(counters_of(book))
+            summary.count(outcome.issued)
+            summary.done += len(chunk)
+            if collect is not None:
+                collect.issued.extend(outcome.issued)
+            uow.rollback()
+    summary.done -= len(summary.failed)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _continue_counters(book: Book, counters: Mapping[str, int]) -> None:
+    book.next_invoice = counters["invoice"]
+    book.next_movement = counters["movement"]
+    book.next_change = counters["change"]
+
+
+def line_refs(outcome: Outcome) -> list[tuple[int, LineRef]]:
+    return list(outcome.links)

@@ -1,0 +1,148 @@
+"""The book in parts: each customer's share of it, and the counters the whole book shares.
+
+Everything in a `Book` belongs to one customer — its account (credit, MRR, pending prorations,
+the tags that link its movements to its invoice lines), its subscriptions, coupons, invoices and
+credit notes — except the counters that number across customers (invoices, credit notes,
+movements, change and coupon ids, creation order) and the clock. So the database keeps one row
+per customer (`CustomerPart`, pickled) and the counters in a sequence table, and a command
+assembles a book from only the parts it touches (`assemble`), applies the event with the pure
+core, and splits the result back (`split`). A book assembled from some customers' parts behaves
+for them exactly as the whole book does, as long as it holds every customer with a transition
+due by the event's time (those are the only others the event's `_advance` would touch): the
+services load those too, so movement ids come out in the same order as in the pure replay.
+
+`due_at` says when a customer next needs the clock or a run: the earlier of its next transition
+and what it has unbilled; a run bills the customers due by its date, in batches.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from datetime import datetime
+
+from billing.book import Account, Book
+from billing.catalog import Catalog
+from billing.discounts import Coupon
+from billing.records import CreditNote, Invoice
+from billing.scenario import Event, Settings
+from billing.subscription import Subscription
+
+
+@dataclass
+class Counters:
+    """The next value of every series the whole book shares (gap-free: a command that fails
+    takes none)."""
+
+    invoice: int = 1
+    credit_note: int = 1
+    movement: int = 1
+    change: int = 1
+    coupon: int = 1
+    customer: int = 0
+    subscription: int = 0
+
+    @staticmethod
+    def names() -> list[str]:
+        return [f.name for f in fields(Counters)]
+
+
+@dataclass
+class CustomerPart:
+    """One customer's share of the book."""
+
+    account: Account
+    subscriptions: dict[str, Subscription] = field(default_factory=dict)
+    coupons: dict[int, Coupon] = field(default_factory=dict)
+    invoices: dict[str, Invoice] = field(default_factory=dict)  # in issue order
+    credit_notes: dict[str, CreditNote] = field(default_factory=dict)  # in issue order
+
+    def dumps(self) -> bytes:
+        return pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
+
+    @staticmethod
+    def loads(data: bytes) -> CustomerPart:
+        part = pickle.loads(data)  # noqa: S301 - our own snapshot from our own database
+        if not isinstance(part, CustomerPart):
+            raise TypeError("not a customer part")
+        return part
+
+
+@dataclass(frozen=True)
+class Due:
+    """When a customer next needs the clock (`transition_at`) or a run (`due_at`)."""
+
+    transition_at: datetime | None
+    due_at: datetime | None
+
+
+def counters_of(book: Book) -> Counters:
+    return Counters(invoice=book.next_invoice, credit_note=book.next_credit_note, movement=book.next_movement,
+                    change=book.next_change, coupon=book.next_coupon, customer=book.next_customer_order,
+                    subscription=book.next_subscription_order)
+
+
+def assemble(book: Book, parts: list[CustomerPart], counters: Counters, clock: datetime | None) -> Book:
+    """Fill an empty book (settings and catalog only) with these customers' parts, the shared
+    counters and the clock; the parts are taken over, not copied."""
+    for part in sorted(parts, key=lambda p: p.account.order):
+        book.accounts[part.account.id] = part.account
+        book.subscriptions.update(part.subscriptions)
+        book.coupons.update(part.coupons)
+        book.invoices.update(part.invoices)
+        book.invoice_order.extend(part.invoices)
+        book.credit_notes.update(part.credit_notes)
+    book.next_invoice = counters.invoice
+    book.next_credit_note = counters.credit_note
+    book.next_movement = counters.movement
+    book.next_change = counters.change
+    book.next_coupon = counters.coupon
+    book.next_customer_order = counters.customer
+    book.next_subscription_order = counters.subscription
+    book.clock = clock
+    book._queue_all()
+    return book
+
+
+def split(book: Book) -> dict[str, CustomerPart]:
+    """The book's customers' parts (sharing the book's objects)."""
+    parts = {customer: CustomerPart(account) for customer, account in book.accounts.items()}
+    for sub in book.subscriptions.values():
+        parts[sub.customer].subscriptions[sub.id] = sub
+    for coupon in book.coupons.values():
+        parts[coupon.customer].coupons[coupon.id] = coupon
+    for number in book.invoice_order:
+        invoice = book.invoices[number]
+        parts[invoice.customer].invoices[number] = invoice
+    for number, note in book.credit_notes.items():
+        parts[note.customer].credit_notes[number] = note
+    return parts
+
+
+def due_of(book: Book, customer: str) -> Due:
+    transition = book.next_transition_at(customer)
+    billable = book.billable_at(customer)
+    found = [t for t in (transition, billable) if t is not None]
+    return Due(transition, min(found, default=None))
+
+
+def empty_book(settings: Settings, catalog: Catalog) -> Book:
+    return Book(settings, catalog)
+
+
+def customers_of(event: Event, *, subscription_owner: Callable[[str], str | None],
+                 invoice_owner: Callable[[str], str | None]) -> set[str]:
+    """The customers an event names (directly, or through its subscription or invoice); the
+    customers with a transition due by its time come on top of these (see the module)."""
+    found: set[str] = set()
+    customer = getattr(event, "customer", None)
+    if isinstance(customer, str):
+        found.add(customer)
+    subscription = getattr(event, "subscription", None)
+    if isinstance(subscription, str) and (owner := subscription_owner(subscription)) is not None:
+        found.add(owner)
+    invoice = getattr(event, "invoice", None)
+    if isinstance(invoice, str) and (owner := invoice_owner(invoice)) is not None:
+        found.add(owner)
+    return found
