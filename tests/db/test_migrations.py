@@ -42,7 +42,7 @@ def test_upgrade_creates_every_table(empty_db: Db) -> None:
     assert current_revision(empty_db.engine) is None
     upgrade(empty_db.engine)
     assert set(inspect(empty_db.engine).get_table_names()) == TABLES
-    assert current_revision(empty_db.engine) == head_revision() == "0005_runs"
+    assert current_revision(empty_db.engine) == head_revision() == "0006_immutable"
 
 
 def test_migrated_schema_matches_the_models(db: Db) -> None:
@@ -72,5 +72,5 @@ def test_upgrade_is_idempotent_and_downgrade_reverses_it(db: Db) -> None:
 
 
 def test_init_database_from_a_url(empty_db: Db) -> None:
-    assert service.init_database(empty_db.url) == "0005_runs"
+    assert service.init_database(empty_db.url) == "0006_immutable"
     service.check_schema(empty_db.engine)
