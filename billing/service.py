@@ -52,6 +52,7 @@ from billing.persistence import (
 )
 from billing.records import CreditNote, Invoice, InvoiceStatus, MrrMovement, reversing_entry
 from billing.replay import ReplayResult, metrics_for
+from billing.retry import retrying
 from billing.scenario import (
     EVENT_ADAPTER,
     AddAddonEvent,
@@ -249,7 +250,8 @@ def execute(
     clock: Clock = utc_now,
     progress: ProgressCallback | None = None,
 ) -> Applied:
-    """Apply one event in one transaction and say what happened (see `Applied`)."""
+    """Apply one event in one transaction and say what happened (see `Applied`). A command that
+    loses a race to another writer runs again on fresh state (billing.retry)."""
     ev = _as_event(event)
     if isinstance(ev, InvoiceRunEvent):
         from billing.runs import run_invoices_event
@@ -257,6 +259,14 @@ def execute(
         return run_invoices_event(engine, ev, actor=actor, idempotency_key=idempotency_key, index=index,
                                   clock=clock, progress=progress)
     payload = ev.model_dump(mode="json", by_alias=True)
+    return retrying(lambda: _execute_once(engine, ev, payload, actor=actor, idempotency_key=idempotency_key,
+                                          index=index, clock=clock, progress=progress))
+
+
+def _execute_once(engine: Engine, ev: Event, payload: dict[str, Any], *, actor: str, idempotency_key: str | None,
+                  index: int | None, clock: Clock, progress: ProgressCallback | None) -> Applied:
+    """One attempt: one transaction that commits whole or writes nothing (a lost race is retried
+    by `execute`, billing.retry)."""
     with UnitOfWork(engine, clock=clock) as uow:
         if idempotency_key is not None:
             previous = uow.commands.by_key(idempotency_key)
