@@ -348,7 +348,7 @@ def ingest(
 
     def write_all() -> None:
         writer = BulkWriter(engine)
-        seen_version: int | None = None
+        seen_version: tuple[int, int] | None = None
         current = book
         try:
             while (batch := batches.get()) is not None:

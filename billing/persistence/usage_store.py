@@ -108,43 +108,59 @@ def aggregate_one(conn: Connection | Session, subscription: str, metric: Metric,
 
 
 def aggregate_all(conn: Connection | Session, metrics: Sequence[Metric], lo: int,
-                  hi: int) -> dict[tuple[str, str], Fraction]:  # noqa: E501
-    """Every subscription's aggregate of each metric over `[lo, hi)`: one grouped query per
-    metric (`weighted_sum` and `last` with window functions). Keys are (subscription, metric)."""
+                  hi: int) -> dict[tuple[str, str], Fraction]:
+    """Every subscription's aggregate of each metric over `[lo, hi)`, keyed (subscription,
+    metric): one scan of the period for `count`, `sum` and `max` of all metrics together, one for
+    the distinct counts, window functions for `last`, and `weighted_sum` per subscription."""
     out: dict[tuple[str, str], Fraction] = {}
+    by_kind: dict[str, list[Metric]] = {}
     for metric in metrics:
-        params: dict[str, Any] = {"m": metric.code, "lo": lo, "hi": hi}
-        period = "metric = :m AND matched AND at >= :lo AND at < :hi"
-        kind = metric.aggregation
-        if kind in _SCALAR:
-            rows: Iterable[Any] = conn.execute(text(
-                f"SELECT subscription, {_SCALAR[kind]} FROM usage_events WHERE {period} "  # noqa: S608
-                "GROUP BY subscription"), params)
-            for sub, value in rows:
-                if value is not None:
-                    out[(sub, metric.code)] = (Fraction(int(value)) if kind in ("count", "unique_count")
-                                               else Fraction(int(value), SCALE))
-        elif kind == "last":
-            rows = conn.execute(text(
-                "SELECT subscription, quantity FROM ("  # noqa: S608
-                "  SELECT subscription, quantity, ROW_NUMBER() OVER "
-                "    (PARTITION BY subscription ORDER BY at DESC, seq DESC) AS rn"
-                f"  FROM usage_events WHERE {period} AND quantity IS NOT NULL"
-                ") AS ranked WHERE rn = 1"), params)
-            for sub, value in rows:
-                out[(sub, metric.code)] = Fraction(int(value), SCALE)
-        elif kind == "weighted_sum":
-            subs = [r[0] for r in conn.execute(text(
-                "SELECT DISTINCT subscription FROM usage_events WHERE metric = :m AND matched AND at < :hi"),
-                params)]
-            for sub in subs:
-                out[(sub, metric.code)] = aggregate_one(conn, sub, metric, lo, hi, hi)
-        else:
-            raise ValueError(f"unknown aggregation {kind!r}")
+        by_kind.setdefault(metric.aggregation, []).append(metric)
+    period = "matched AND at >= :lo AND at < :hi"
+
+    def codes(kinds: Sequence[str]) -> tuple[str, dict[str, Any]]:
+        chosen = [m.code for k in kinds for m in by_kind.get(k, [])]
+        params: dict[str, Any] = {f"m{i}": code for i, code in enumerate(chosen)}
+        return ", ".join(f":m{i}" for i in range(len(chosen))), {**params, "lo": lo, "hi": hi}
+
+    kind_of = {m.code: m.aggregation for m in metrics}
+    names, params = codes(["count", "sum", "max"])
+    if names:
+        rows: Iterable[Any] = conn.execute(text(
+            "SELECT subscription, metric, COUNT(*), SUM(quantity), MAX(quantity) FROM usage_events "  # noqa: S608
+            f"WHERE metric IN ({names}) AND {period} GROUP BY subscription, metric"), params)
+        for sub, code, count, total, top in rows:
+            kind = kind_of[code]
+            if kind == "count":
+                out[(sub, code)] = Fraction(int(count))
+            elif kind == "sum" and total is not None:
+                out[(sub, code)] = Fraction(int(total), SCALE)
+            elif kind == "max" and top is not None:
+                out[(sub, code)] = Fraction(int(top), SCALE)
+    names, params = codes(["unique_count"])
+    if names:
+        rows = conn.execute(text(
+            "SELECT subscription, metric, COUNT(DISTINCT dim) FROM usage_events "  # noqa: S608
+            f"WHERE metric IN ({names}) AND {period} GROUP BY subscription, metric"), params)
+        for sub, code, count in rows:
+            out[(sub, code)] = Fraction(int(count))
+    names, params = codes(["last"])
+    if names:
+        rows = conn.execute(text(
+            "SELECT subscription, metric, quantity FROM ("  # noqa: S608
+            "  SELECT subscription, metric, quantity, ROW_NUMBER() OVER "
+            "    (PARTITION BY subscription, metric ORDER BY at DESC, seq DESC) AS rn"
+            f"  FROM usage_events WHERE metric IN ({names}) AND {period} AND quantity IS NOT NULL"
+            ") AS ranked WHERE rn = 1"), params)
+        for sub, code, value in rows:
+            out[(sub, code)] = Fraction(int(value), SCALE)
+    for metric in by_kind.get("weighted_sum", []):
+        subs = [r[0] for r in conn.execute(text(
+            "SELECT DISTINCT subscription FROM usage_events WHERE metric = :m AND matched AND at < :hi"),
+            {"m": metric.code, "hi": hi})]
+        for sub in subs:
+            out[(sub, metric.code)] = aggregate_one(conn, sub, metric, lo, hi, hi)
     return out
-
-
-__all__ = ["COLUMNS", "Row", "SqlUsage", "aggregate_all", "aggregate_one", "row_of"]
 
 
 # -- bulk writes (the ingester) ----------------------------------------------------------------
@@ -157,16 +173,18 @@ STAGE_DDL = (
 
 
 CACHE_KB = 65_536
+BOOK_TOKEN = "SELECT COUNT(*), COALESCE(SUM(version), 0) FROM customer_books"
 
 
 class BulkWriter:
     """Writes chunks of rows in transactions of its own on one raw driver connection.
 
-    Each chunk is one transaction that first reads the latest command's id — on PostgreSQL
-    after `LOCK TABLE commands IN SHARE MODE` (ingesters share it; a command, which records
-    itself in `commands`, waits for the chunk, and the chunk for a command in flight); on SQLite
-    under `BEGIN IMMEDIATE`, which takes the write lock at once — so no command changes the book
-    while a chunk is checked against it and written."""
+    Each chunk is one transaction that first reads a token of the book's state (the customer
+    parts' count and versions) — on PostgreSQL after `LOCK TABLE customer_books IN SHARE MODE`
+    (ingesters share it; a command or invoice-run batch, which writes the parts, waits for the
+    chunk, and the chunk for one in flight); on SQLite under `BEGIN IMMEDIATE`, which takes the
+    write lock at once — so the book does not change while a chunk is checked against it and
+    written."""
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine
@@ -184,21 +202,21 @@ class BulkWriter:
             self.dbapi.execute(f"PRAGMA cache_size = {int(self._cache)}")
         self.raw.close()
 
-    def begin(self) -> int:
-        """Start a chunk's transaction; the latest command's id (the book changes only by
-        commands, each recorded in `commands`)."""
+    def begin(self) -> tuple[int, int]:
+        """Start a chunk's transaction; a token of the book's state (its customer parts and their
+        versions: every command and every invoice-run batch bumps the parts it changes)."""
         if self.dialect == "sqlite":
             self.dbapi.execute("BEGIN IMMEDIATE")
-            row = self.dbapi.execute("SELECT COALESCE(MAX(id), 0) FROM commands").fetchone()
+            row = self.dbapi.execute(BOOK_TOKEN).fetchone()
         else:
             with self.dbapi.cursor() as cur:
                 if not self._staged:
                     cur.execute(STAGE_DDL)
                     self._staged = True
-                cur.execute("LOCK TABLE commands IN SHARE MODE")
-                cur.execute("SELECT COALESCE(MAX(id), 0) FROM commands")
+                cur.execute("LOCK TABLE customer_books IN SHARE MODE")
+                cur.execute(BOOK_TOKEN)
                 row = cur.fetchone()
-        return int(row[0])
+        return (int(row[0]), int(row[1]))
 
     def write(self, rows: Sequence[Row]) -> int:
         """Insert the rows (their order kept); how many were new (the rest were duplicates)."""
