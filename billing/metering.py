@@ -58,6 +58,8 @@ from billing.usage import (
 Clock = Callable[[], datetime]
 DEFAULT_GRACE = timedelta(days=1)
 CHUNK = 20_000
+WRITERS = {"postgresql": 2}  # writer threads per database (default 1)
+RETRIES = 5
 FIELDS = frozenset({"subscription", "customer", "metric", "at", "value", "id", "properties"})
 KEPT_REJECTIONS = 1_000
 _DECODER = json.JSONDecoder(parse_float=Decimal)
@@ -308,6 +310,7 @@ def _load_book(engine: Engine) -> Book | None:
 
 @dataclass
 class _Batch:
+    number: int
     parsed: list[Parsed] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
     rows: int = 0
@@ -328,16 +331,23 @@ def ingest(
     `grace` None accepts late events in closed, uninvoiced periods whatever their age.
     `progress` is called with the number of rows done after each chunk.
 
-    The calling thread reads and parses; a writer thread checks each chunk against the book and
-    writes it, so parsing overlaps the database's work. Rejections are reported in line order."""
+    The calling thread reads and parses; writer threads (two on PostgreSQL, whose server inserts
+    one chunk while the next is copied; one on SQLite, which writes one transaction at a time)
+    check each chunk against the book and write it, so parsing overlaps the database's work. A
+    chunk that loses a deadlock to another writer is retried. Counts and rejections are reported
+    in input order."""
     book = _load_book(engine)
     if book is None:
         raise IngestError("no catalog loaded; run `billing catalog load FILE` first")
     parser = _Parser(book.catalog.metrics)
     summary = IngestSummary()
     grace_us = None if grace is None else grace // timedelta(microseconds=1)
-    batches: queue.Queue[_Batch | None] = queue.Queue(maxsize=2)
+    writers = WRITERS.get(engine.dialect.name, 1)
+    queues: list[queue.Queue[_Batch | None]] = [queue.Queue(maxsize=1) for _ in range(writers)]
     failure: list[BaseException] = []
+    finished: dict[int, tuple[_Batch, int, int]] = {}
+    order = threading.Lock()
+    next_batch = [0]
 
     def report(rejection: Rejection) -> None:
         summary.rejected += 1
@@ -346,49 +356,64 @@ def ingest(
         if on_reject is not None:
             on_reject(rejection)
 
-    def write_all() -> None:
+    def done(batch: _Batch, inserted: int, good: int) -> None:
+        """Count and report finished batches in input order, whichever writer finished them."""
+        with order:
+            finished[batch.number] = (batch, inserted, good)
+            while next_batch[0] in finished:
+                ready, ins, kept = finished.pop(next_batch[0])
+                next_batch[0] += 1
+                summary.accepted += ins
+                summary.duplicated += kept - ins
+                for rejection in sorted(ready.rejected, key=lambda r: r.line):
+                    report(rejection)
+                if progress is not None:
+                    progress(ready.rows)
+
+    def write_all(inbox: queue.Queue[_Batch | None]) -> None:
         writer = BulkWriter(engine)
         seen_version: tuple[int, int] | None = None
         current = book
         try:
-            while (batch := batches.get()) is not None:
-                version = writer.begin()
-                try:
-                    if version != seen_version:
-                        loaded = _load_book(engine) if seen_version is not None else current
-                        if loaded is None:
-                            raise IngestError("the book disappeared while ingesting")
-                        current, seen_version = loaded, version
-                    gate = _Gate(current, micros(clock()), grace_us)
-                    good: list[Row] = []
-                    rejected = batch.rejected
-                    for parsed in batch.parsed:
-                        try:
-                            good.append(gate.admit(parsed))
-                        except ValueError as exc:
-                            rejected.append(Rejection(parsed[0], str(exc)))
-                    inserted = writer.write(good)
-                    writer.commit()
-                except BaseException:
-                    writer.rollback()
-                    raise
-                summary.accepted += inserted
-                summary.duplicated += len(good) - inserted
-                for rejection in sorted(rejected, key=lambda r: r.line):
-                    report(rejection)
-                if progress is not None:
-                    progress(batch.rows)
+            while (batch := inbox.get()) is not None:
+                for attempt in range(RETRIES):
+                    version = writer.begin()
+                    try:
+                        if version != seen_version:
+                            loaded = _load_book(engine) if seen_version is not None else current
+                            if loaded is None:
+                                raise IngestError("the book disappeared while ingesting")
+                            current, seen_version = loaded, version
+                        gate = _Gate(current, micros(clock()), grace_us)
+                        good: list[Row] = []
+                        rejected: list[Rejection] = []
+                        for parsed in batch.parsed:
+                            try:
+                                good.append(gate.admit(parsed))
+                            except ValueError as exc:
+                                rejected.append(Rejection(parsed[0], str(exc)))
+                        inserted = writer.write(good)
+                        writer.commit()
+                        break
+                    except Exception as exc:
+                        writer.rollback()
+                        if not writer.retryable(exc) or attempt == RETRIES - 1:
+                            raise
+                batch.rejected.extend(rejected)
+                done(batch, inserted, len(good))
         except BaseException as exc:  # handed to the reading thread
             failure.append(exc)
-            while batches.get() is not None:  # drain so the reader never blocks
+            while inbox.get() is not None:  # drain so the reader never blocks
                 pass
         finally:
             writer.close()
 
-    thread = threading.Thread(target=write_all, name="usage-ingest-writer", daemon=True)
-    thread.start()
+    threads = [threading.Thread(target=write_all, args=(inbox,), name=f"usage-ingest-writer-{i}", daemon=True)
+               for i, inbox in enumerate(queues)]
+    for thread in threads:
+        thread.start()
     try:
-        batch = _Batch()
+        batch = _Batch(0)
         for line, data in rows:
             if failure:
                 break
@@ -401,13 +426,15 @@ def ingest(
                 except ValueError as exc:
                     batch.rejected.append(Rejection(line, str(exc)))
             if batch.rows >= chunk:
-                batches.put(batch)
-                batch = _Batch()
+                queues[batch.number % writers].put(batch)
+                batch = _Batch(batch.number + 1)
         if batch.rows and not failure:
-            batches.put(batch)
+            queues[batch.number % writers].put(batch)
     finally:
-        batches.put(None)
-        thread.join()
+        for inbox in queues:
+            inbox.put(None)
+        for thread in threads:
+            thread.join()
     if failure:
         raise failure[0]
     return summary

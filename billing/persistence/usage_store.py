@@ -238,5 +238,13 @@ class BulkWriter:
     def commit(self) -> None:
         self.dbapi.commit()
 
+    def retryable(self, exc: BaseException) -> bool:
+        """A deadlock or serialization failure (PostgreSQL), a busy database (SQLite): the
+        chunk's transaction was rolled back whole and may simply run again."""
+        code = getattr(exc, "sqlstate", None)
+        if code in ("40P01", "40001"):
+            return True
+        return self.dialect == "sqlite" and "database is locked" in str(exc)
+
     def rollback(self) -> None:
         self.dbapi.rollback()
