@@ -366,38 +366,28 @@ def replay(ctx: click.Context, file: str, as_json: bool, check: bool, db: str | 
 
 
 @cli.command("invoice-run")
-@click.option("--as-of", "as_of", required=True, metavar="DATE", callback=_instant_option,
+@click.option("--as-of", "as_of", default=None, metavar="DATE", callback=_instant_option,
               help="Bill everything due at this time (ISO 8601 instant or date = midnight UTC).")
+@click.option("--dry-run", is_flag=True, help="Print what would be billed; write nothing.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Worker processes (PostgreSQL; SQLite has one writer).")
+@click.option("--join", "join", type=int, default=None, metavar="RUN_ID",
+              help="Work on an unfinished run started elsewhere (PostgreSQL).")
+@click.option("--batch", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Customers per transaction.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@click.option("--json", "as_json", is_flag=True, help="Print the issued invoices and movements as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run's summary, invoices and movements as JSON.")
 @db_option
 @actor_option
 @click.pass_context
-def invoice_run(ctx: click.Context, as_of: datetime, quiet: bool, as_json: bool, db: str, actor: str) -> None:
-    """Issue every invoice due at --as-of (running again issues nothing new)."""
-    from tqdm import tqdm
+def invoice_run(ctx: click.Context, as_of: datetime | None, dry_run: bool, workers: int, join: int | None,
+                batch: int, quiet: bool, as_json: bool, db: str, actor: str) -> None:
+    """Issue every invoice due at --as-of as one resumable run (running it again finishes what a
+    killed run left and otherwise issues nothing new)."""
+    from billing.cli_runs import invoice_run_command
 
-    engine = _open(ctx, db)
-    bar = tqdm(total=0, unit="invoice", desc="writing invoices", file=sys.stderr,
-               disable=quiet or not sys.stderr.isatty(), leave=False)
-    try:
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
-
-        outcome = service.run_invoices(engine, as_of, actor=actor, progress=progress)
-    finally:
-        bar.close()
-    totals = _totals(outcome.issued)
-    if as_json:
-        click.echo(_dump({
-            "as_of": iso(as_of),
-            "invoices": [invoice_json(i) for i in outcome.issued],
-            "movements": [movement_json(m) for m in outcome.movements],
-            "totals": totals,
-        }))
-        return
-    click.echo(_run_summary(as_of, outcome, totals))
+    invoice_run_command(_open(ctx, db), db, as_of=as_of, dry_run=dry_run, workers=workers, join=join,
+                        batch=batch, quiet=quiet, as_json=as_json, actor=actor)
 
 
 def _totals(invoices: list[Invoice]) -> dict[str, dict[str, str]]:
@@ -614,3 +604,6 @@ from billing.cli_usage import usage_commands  # noqa: E402 - registered once the
 
 for _usage_command in usage_commands():
     cli.add_command(_usage_command)
+
+# `bench invoice-run` lives in billing/cli_runs.py (with the invoice-run helpers).
+import billing.cli_runs  # noqa: E402,F401 - registers itself on the bench group

@@ -30,13 +30,17 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING
+from fractions import Fraction
+from typing import TYPE_CHECKING, Any
 
 from billing.book import Book, BookError, Outcome
+from billing.catalog import Metric
 from billing.money import from_minor
 from billing.persistence import ConcurrentModification, DatabaseError, Engine, UnitOfWork, utc_now
+from billing.persistence.parts import usage_rows
 from billing.records import Invoice, LineRef
 from billing.scenario import InvoiceRunEvent
+from billing.usage import Measured, UsageRecord, UsageSource, aggregate_rows, micros
 
 if TYPE_CHECKING:
     from billing.service import Applied
@@ -60,6 +64,7 @@ class RunSummary:
     totals: dict[str, Decimal] = field(default_factory=dict)
     credit_applied: dict[str, Decimal] = field(default_factory=dict)
     amount_due: dict[str, Decimal] = field(default_factory=dict)
+    by_currency: dict[str, int] = field(default_factory=dict)  # invoices per currency
     seconds: float = 0.0
     dry_run: bool = False
     resumed: bool = False
@@ -70,6 +75,7 @@ class RunSummary:
         for invoice in invoices:
             cur = invoice.currency
             self.invoices += 1
+            self.by_currency[cur] = self.by_currency.get(cur, 0) + 1
             self.totals[cur] = self.totals.get(cur, Decimal(0)) + invoice.total
             self.credit_applied[cur] = self.credit_applied.get(cur, Decimal(0)) + invoice.credit_applied
             self.amount_due[cur] = self.amount_due.get(cur, Decimal(0)) + invoice.amount_due
@@ -79,11 +85,39 @@ class RunSummary:
             "run": self.run_id, "as_of": self.as_of.isoformat(), "state": self.state, "dry_run": self.dry_run,
             "resumed": self.resumed, "customers": self.customers, "done": self.done,
             "failed": [{"customer": c, "error": e} for c, e in self.failed], "invoices": self.invoices,
+            "invoices_by_currency": dict(sorted(self.by_currency.items())),
             "totals": {c: str(v) for c, v in sorted(self.totals.items())},
             "credit_applied": {c: str(v) for c, v in sorted(self.credit_applied.items())},
             "amount_due": {c: str(v) for c, v in sorted(self.amount_due.items())},
             "seconds": round(self.seconds, 3),
         }
+
+
+class BatchUsage:
+    """A usage source for one batch: the usage events of the batch's subscriptions since the
+    oldest usage period they have open or unbilled, read in one query and aggregated in memory
+    (`billing.usage.aggregate_rows`, the same rules as the SQL). `weighted_sum` needs the level
+    held before a period, so it still asks the database; recording goes to the database."""
+
+    def __init__(self, fallback: UsageSource, session: Any, book: Book, until: datetime) -> None:
+        self.fallback = fallback
+        self.rows: dict[tuple[str, str], list[Measured]] = {}
+        subs = [sub for sub in book.subscriptions.values() if sub.usage_open is not None or sub.usage_unbilled]
+        starts = [t for sub in subs for t in (sub.usage_open, *(up.start for up in sub.usage_unbilled))
+                  if t is not None]
+        if not subs or not starts:
+            return
+        self.rows = usage_rows(session, [sub.id for sub in subs], micros(min(starts)), micros(until))
+
+    def record(self, subscription: str, metric: Metric, record: UsageRecord) -> bool:
+        return self.fallback.record(subscription, metric, record)
+
+    def aggregate(self, subscription: str, metric: Metric, start: datetime, end: datetime,
+                  *, held_until: datetime | None = None) -> Fraction:
+        if metric.aggregation == "weighted_sum":
+            return self.fallback.aggregate(subscription, metric, start, end, held_until=held_until)
+        return aggregate_rows(metric, self.rows.get((subscription, metric.code), []), start, end,
+                              held_until=held_until)
 
 
 @dataclass
@@ -174,6 +208,7 @@ def _plan(engine: Engine, ev: InvoiceRunEvent, *, actor: str, idempotency_key: s
           clock: Callable[[], datetime], join: int | None) -> tuple[int, int, bool]:
     payload = ev.model_dump(mode="json", by_alias=True)
     with UnitOfWork(engine, clock=clock) as uow:
+        uow.parts.lock_sequences(())  # two runs started at once plan one after the other
         if join is not None:
             stored = uow.runs.get(join)
             if stored is None:
@@ -211,21 +246,25 @@ def _plan(engine: Engine, ev: InvoiceRunEvent, *, actor: str, idempotency_key: s
 def _bill_batch(engine: Engine, run_id: int, command_id: int, ev: InvoiceRunEvent, *, index: int | None, batch: int,
                 clock: Callable[[], datetime], skip_locked: bool, fault: Callable[[int], None] | None,
                 number: int) -> _Batch | None:
-    from billing.service import _refresh_view, _require_book, _view_of, load_parts, save_parts
+    from billing.service import _require_book, _view_of, save_parts
 
     with UnitOfWork(engine, clock=clock) as uow:
+        # the sequences first: a batch's numbers are taken in the transaction that writes it, and
+        # whoever holds them sees every batch committed before (no customer claimed twice)
+        uow.parts.lock_sequences(())
         customers = uow.runs.claim(run_id, batch, skip_locked=skip_locked)
         if not customers:
             return None
         stored = _require_book(uow)
-        book, loaded, sequences = load_parts(uow, stored, ev, customers)
-        book.use_usage_source(uow.usage)
-        before = _view_of(book)
         failed: dict[str, str] = {}
         try:
-            outcome = book.apply(ev, index, discard_on_error=True)
-        except BookError:
-            book, outcome, failed = _one_by_one(uow, stored, ev, customers, index=index)
+            book, loaded, sequences, before, outcome = _bill(uow, stored, ev, customers, index=index)
+        except DatabaseError:
+            raise
+        except Exception:  # noqa: BLE001 - bad data in one customer: find whom, bill the others
+            failed = _failing(uow, stored, ev, customers, index=index)
+            good = [c for c in customers if c not in failed]
+            book, loaded, sequences, before, outcome = _bill(uow, stored, ev, good, index=index)
         now = uow.now()
         save_parts(uow, book, {c: v for c, v in loaded.items() if c not in failed}, sequences)
         uow.ledger.add_invoices(outcome.issued, command_id)
@@ -233,7 +272,10 @@ def _bill_batch(engine: Engine, run_id: int, command_id: int, ev: InvoiceRunEven
         uow.ledger.add_movements(outcome.movements, command_id, command_key=f"run:{run_id}:{number}:{customers[0]}")
         own_links = [(m.id, ref) for m in outcome.movements for ref in m.invoice_lines]
         uow.ledger.add_links([*own_links, *outcome.links], command_id)
-        _refresh_view(uow, before, _view_of(book), at=ev.at, now=now)
+        after = _view_of(book)
+        uow.parts.update_views(
+            [c for k, c in after.customers.items() if before.customers.get(k) != c],
+            [v for k, v in after.subscriptions.items() if before.subscriptions.get(k) != v], now=now)
         issued: dict[str, int] = {c: 0 for c in customers if c not in failed}
         for invoice in outcome.issued:
             issued[invoice.customer] = issued.get(invoice.customer, 0) + 1
@@ -244,25 +286,32 @@ def _bill_batch(engine: Engine, run_id: int, command_id: int, ev: InvoiceRunEven
     return _Batch(outcome, issued, failed)
 
 
-def _one_by_one(uow: UnitOfWork, stored: object, ev: InvoiceRunEvent, customers: Sequence[str], *,
-                index: int | None) -> tuple[Book, Outcome, dict[str, str]]:
-    """The batch again, a customer at a time, to find who fails: the others are billed in one
-    book (their parts re-assembled), the failing ones recorded with the book's reason."""
-    from billing.service import load_parts
+def _bill(uow: UnitOfWork, stored: Any, ev: InvoiceRunEvent, customers: Sequence[str], *,
+          index: int | None) -> tuple[Book, dict[str, int], dict[str, int], Any, Outcome]:
+    """Assemble these customers' book and apply the run to it (nothing written yet)."""
+    from billing.service import _view_of, load_parts
 
+    book, loaded, sequences = load_parts(uow, stored, ev, customers)
+    book.use_usage_source(BatchUsage(uow.usage, uow.session, book, ev.at))
+    before = _view_of(book)
+    outcome = book.apply(ev, index, discard_on_error=True) if customers else Outcome()
+    return book, loaded, sequences, before, outcome
+
+
+def _failing(uow: UnitOfWork, stored: Any, ev: InvoiceRunEvent, customers: Sequence[str], *,
+             index: int | None) -> dict[str, str]:
+    """The customers of a batch the book refuses, each tried alone, with the reason."""
     failed: dict[str, str] = {}
     for customer in customers:
-        book, _, _ = load_parts(uow, stored, ev, [customer])  # type: ignore[arg-type]
-        book.use_usage_source(uow.usage)
         try:
-            book.apply(ev, index, discard_on_error=True)
+            _bill(uow, stored, ev, [customer], index=index)
+        except DatabaseError:
+            raise
         except BookError as exc:
             failed[customer] = str(exc)
-    good = [c for c in customers if c not in failed]
-    book, _, _ = load_parts(uow, stored, ev, good)  # type: ignore[arg-type]
-    book.use_usage_source(uow.usage)
-    outcome = book.apply(ev, index, discard_on_error=True) if good else Outcome()
-    return book, outcome, failed
+        except Exception as exc:  # noqa: BLE001 - recorded against the customer, the run goes on
+            failed[customer] = f"{type(exc).__name__}: {exc}"
+    return failed
 
 
 def _close(engine: Engine, run_id: int, command_id: int, summary: RunSummary, *, clock: Callable[[], datetime],
@@ -285,9 +334,10 @@ def _close(engine: Engine, run_id: int, command_id: int, summary: RunSummary, *,
         summary.failed = uow.runs.failures(run_id)
         if summary.resumed:  # the invoices written before the resume count too
             summary.invoices = 0
-            summary.totals, summary.credit_applied, summary.amount_due = {}, {}, {}
+            summary.totals, summary.credit_applied, summary.amount_due, summary.by_currency = {}, {}, {}, {}
             for _number, cur, total, credit, due in uow.runs.invoices_of(command_id):
                 summary.invoices += 1
+                summary.by_currency[cur] = summary.by_currency.get(cur, 0) + 1
                 for target, value in ((summary.totals, total), (summary.credit_applied, credit),
                                       (summary.amount_due, due)):
                     target[cur] = target.get(cur, Decimal(0)) + from_minor(value, cur)
@@ -309,15 +359,14 @@ def _dry_run(engine: Engine, ev: InvoiceRunEvent, *, index: int | None, batch: i
         chunk = due[start:start + batch]
         with UnitOfWork(engine) as uow:
             stored = _require_book(uow)
-            book, _, sequences = load_parts(uow, stored, ev, chunk)
+            failed = _failing(uow, stored, ev, chunk, index=index)
+            summary.failed.extend(failed.items())
+            good = [c for c in chunk if c not in failed]
+            book, _, _ = load_parts(uow, stored, ev, good)
             if counters is not None:
                 _continue_counters(book, counters)
-            book.use_usage_source(uow.usage)
-            try:
-                outcome = book.apply(ev, index, discard_on_error=True)
-            except BookError:
-                book, outcome, failed = _one_by_one(uow, stored, ev, chunk, index=index)
-                summary.failed.extend(failed.items())
+            book.use_usage_source(BatchUsage(uow.usage, uow.session, book, ev.at))
+            outcome = book.apply(ev, index, discard_on_error=True) if good else Outcome()
             from billing.shards import counters_of
 
             counters = vars(counters_of(book))

@@ -12,7 +12,8 @@ from typing import Any, cast
 from sqlalchemy import Integer, String, Table, and_, bindparam, func, insert, literal, select, update
 from sqlalchemy.orm import Session
 
-from billing.persistence.repository import ConcurrentModification
+from billing.money import to_minor
+from billing.persistence.repository import ConcurrentModification, CustomerView, SubscriptionView
 from billing.persistence.run_tables import (
     BilledPeriodRow,
     CustomerBookRow,
@@ -20,8 +21,9 @@ from billing.persistence.run_tables import (
     InvoiceRunRow,
     NumberSequenceRow,
 )
-from billing.persistence.tables import BookStateRow, InvoiceRow, SubscriptionRow
+from billing.persistence.tables import BookStateRow, CustomerRow, InvoiceRow, SubscriptionRow, UsageEventRow
 from billing.records import Invoice
+from billing.usage import Measured
 
 _CHUNK = 500
 PREFIXES = {"invoice": "INV-", "credit_note": "CN-"}
@@ -54,8 +56,12 @@ class PartsRepository:
     # sequences and clock
 
     def lock_sequences(self, names: Sequence[str]) -> dict[str, int]:
-        """The next values, locked until the transaction ends (`SELECT … FOR UPDATE` on
-        PostgreSQL; SQLite has one writer). A series not there yet starts at its default."""
+        """The next values, locked until the transaction ends: a no-op UPDATE of the rows takes
+        their row locks on PostgreSQL and the write lock on SQLite at once, so two writers queue
+        here instead of both reading and one failing later. A series not there yet starts at
+        its default."""
+        self.session.execute(update(NumberSequenceRow).values(next=NumberSequenceRow.next)
+                             .execution_options(synchronize_session=False))
         rows = self.session.execute(
             select(NumberSequenceRow.series, NumberSequenceRow.next).order_by(NumberSequenceRow.series)
             .with_for_update()
@@ -157,6 +163,35 @@ class PartsRepository:
 
     def invoice_owner(self, number: str) -> str | None:
         return self.session.scalar(select(InvoiceRow.customer).where(InvoiceRow.number == number))
+
+    # the current view, set-based (an invoice run changes periods, credit and MRR of many rows)
+
+    def update_views(self, customers: Sequence[CustomerView], subscriptions: Sequence[SubscriptionView], *,
+                     now: datetime) -> None:
+        """Update existing customer and subscription view rows in two executemany statements,
+        bumping their versions (the rows exist: a run creates no customer or subscription)."""
+        connection = self.session.connection()
+        if customers:
+            table = cast(Table, CustomerRow.__table__)
+            connection.execute(
+                update(table).where(table.c.id == _bind("b_id")).values(
+                    mrr=_bind("b_mrr"), credit_balance=_bind("b_credit"), updated_at=now,
+                    version=table.c.version + 1),
+                [{"b_id": c.id, "b_mrr": to_minor(c.mrr, c.currency),
+                  "b_credit": to_minor(c.credit_balance, c.currency)} for c in customers])
+        if subscriptions:
+            table = cast(Table, SubscriptionRow.__table__)
+            connection.execute(
+                update(table).where(table.c.id == _bind("b_id")).values(
+                    plan=_bind("b_plan"), quantity=_bind("b_quantity"), addons=_bind("b_addons"),
+                    status=_bind("b_status"), cancel_at_period_end=_bind("b_cancel"),
+                    scheduled=_bind("b_scheduled"), trial_end=_bind("b_trial_end"),
+                    current_period_start=_bind("b_start"), current_period_end=_bind("b_end"),
+                    ended_at=_bind("b_ended_at"), updated_at=now, version=table.c.version + 1),
+                [{"b_id": v.id, "b_plan": v.plan, "b_quantity": v.quantity, "b_addons": dict(v.addons),
+                  "b_status": v.status, "b_cancel": v.cancel_at_period_end, "b_scheduled": list(v.scheduled),
+                  "b_trial_end": v.trial_end, "b_start": v.current_period_start, "b_end": v.current_period_end,
+                  "b_ended_at": v.ended_at} for v in subscriptions])
 
     # never twice
 
@@ -301,3 +336,21 @@ def _run(row: InvoiceRunRow) -> StoredRun:
     return StoredRun(id=row.id, as_of=row.as_of, state=row.state, command_id=row.command_id, actor=row.actor,
                      customers=row.customers, created_at=row.created_at, updated_at=row.updated_at, error=row.error)
 
+
+
+def usage_rows(session: Session, subscriptions: Sequence[str], lo: int,
+               hi: int) -> dict[tuple[str, str], list[Measured]]:
+    """The usage events of these subscriptions in `[lo, hi)` (UTC µs), by (subscription, metric),
+    in one query per 500 subscriptions."""
+    out: dict[tuple[str, str], list[Measured]] = {}
+    for start in range(0, len(subscriptions), _CHUNK):
+        chunk = list(subscriptions[start:start + _CHUNK])
+        rows = session.execute(
+            select(UsageEventRow.subscription, UsageEventRow.metric, UsageEventRow.at, UsageEventRow.seq,
+                   UsageEventRow.matched, UsageEventRow.quantity, UsageEventRow.dim)
+            .where(UsageEventRow.subscription.in_(chunk), UsageEventRow.at >= lo, UsageEventRow.at < hi))
+        for r in rows:
+            out.setdefault((r.subscription, r.metric), []).append(
+                Measured(at=int(r.at), seq=int(r.seq), matched=bool(r.matched),
+                         quantity=None if r.quantity is None else int(r.quantity), dim=r.dim))
+    return out

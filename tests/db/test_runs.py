@@ -1,0 +1,240 @@
+"""Invoice runs at scale, with real processes: a run killed with SIGKILL and resumed bills every
+due subscription exactly once with gap-free numbers, exactly as an uninterrupted run does; two
+runs started at once share one run; a dropped connection rolls its batch back and the batch is
+retried; a customer the book refuses is recorded with the reason and the run carries on; a dry
+run writes nothing. The reference is the same book run uninterrupted on a SQLite file."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dbkit import Db
+from sqlalchemy import bindparam, text
+
+from billing.persistence import UnitOfWork, create_engine
+from billing.persistence.types import UTCDateTime
+from billing.run_bench import AS_OF, build
+from billing.runs import run
+from billing.scenario import InvoiceRunEvent
+from billing.shards import CustomerPart
+
+SUBSCRIPTIONS = 300
+BATCH = 20
+RUN = InvoiceRunEvent(type="invoice_run", at=AS_OF)
+
+CHILD = """
+import os, sys
+from billing.persistence import create_engine
+from billing.run_bench import AS_OF
+from billing.runs import run
+from billing.scenario import InvoiceRunEvent
+engine = create_engine(sys.argv[1])
+kill_at = int(sys.argv[2])
+def fault(batch):
+    if batch == kill_at:
+        os.kill(os.getpid(), 9)  # SIGKILL inside the batch's transaction, before its commit
+run(engine, InvoiceRunEvent(type="invoice_run", at=AS_OF), actor="child", batch=int(sys.argv[3]), fault=fault)
+"""
+
+
+def _instant(name: str) -> Any:
+    return bindparam(name, type_=UTCDateTime())
+
+
+def _invoices(url: str) -> list[tuple[Any, ...]]:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return [tuple(str(v) for v in r) for r in conn.execute(text(
+                "SELECT number, customer, billing_date, subtotal, discount, tax, total, credit_applied, amount_due "
+                "FROM invoices WHERE issued_at >= :as_of ORDER BY seq").bindparams(_instant("as_of")),
+                {"as_of": AS_OF})]
+    finally:
+        engine.dispose()
+
+
+def _check_once_and_gap_free(url: str) -> None:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            numbers = [n for (n,) in conn.execute(text("SELECT number FROM invoices"))]
+            assert sorted(int(n.removeprefix("INV-")) for n in numbers) == list(range(1, len(numbers) + 1))
+            twice = conn.execute(text(
+                "SELECT l.subscription, l.period_start, count(*) FROM invoice_lines l WHERE l.kind = 'plan' "
+                "GROUP BY l.subscription, l.period_start, l.period_end HAVING count(*) > 1")).all()
+            assert twice == []
+            # every monthly subscription (all but the annual ones) is billed for February exactly once
+            monthly = conn.execute(text(
+                "SELECT count(*) FROM subscriptions WHERE plan <> 'team-annual'")).scalar_one()
+            february = conn.execute(text(
+                "SELECT count(DISTINCT subscription) FROM invoice_lines WHERE kind = 'plan' "
+                "AND period_start = :feb").bindparams(_instant("feb")), {"feb": AS_OF}).scalar_one()
+            assert february == monthly
+            runs = conn.execute(text("SELECT state FROM invoice_runs")).all()
+            assert runs and {r[0] for r in runs} == {"done"}
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Any, ...]]:
+    url = f"sqlite:///{tmp_path_factory.mktemp('reference') / 'ref.sqlite'}"
+    build(url, SUBSCRIPTIONS)
+    engine = create_engine(url)
+    summary = run(engine, RUN, actor="reference", batch=BATCH)
+    engine.dispose()
+    assert summary.state == "done" and summary.invoices > 100 and summary.failed == []
+    _check_once_and_gap_free(url)
+    return _invoices(url)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_run_killed_with_sigkill_and_resumed_bills_everyone_exactly_once(
+        db: Db, reference: list[tuple[Any, ...]], seed: int) -> None:
+    build(db.url, SUBSCRIPTIONS)
+    batches = -(-len({r[1] for r in reference}) // BATCH)
+    kill_at = random.Random(seed).randrange(batches)
+    child = subprocess.run([sys.executable, "-c", CHILD, db.url, str(kill_at), str(BATCH)], capture_output=True,
+                           timeout=300)
+    assert child.returncode == -signal.SIGKILL, child.stderr.decode()
+    with UnitOfWork(db.engine) as uow:
+        stored = uow.runs.latest()
+        assert stored is not None and stored.state == "drafting"
+        progress = uow.runs.progress(stored.id)
+    assert progress["done"] == kill_at * BATCH and progress["pending"] > 0
+    # resumed by running the same command again
+    resumed = subprocess.run([sys.executable, "-c", "from billing.cli import main; main()", "invoice-run",
+                              "--as-of", "2026-02-01", "--db", db.url, "--quiet"], capture_output=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr.decode()
+    assert "(resumed)" in resumed.stdout.decode()
+    _check_once_and_gap_free(db.url)
+    assert _invoices(db.url) == reference
+    # and once more: nothing new
+    again = run(db.engine, RUN, actor="t", batch=BATCH)
+    assert again.invoices == 0 and not again.resumed
+
+
+def test_two_runs_started_at_once_share_one_run(db: Db, reference: list[tuple[Any, ...]]) -> None:
+    build(db.url, SUBSCRIPTIONS)
+    command = [sys.executable, "-c", "from billing.cli import main; main()", "invoice-run", "--as-of", "2026-02-01",
+               "--db", db.url, "--quiet", "--json", "--batch", str(BATCH)]
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e.decode() for _, e in outs]
+    summaries = [json.loads(o) for o, _ in outs]
+    # the second either joined the first's run or, started once it was done, found nothing due
+    assert {s["run"] for s in summaries} <= {1, 2}
+    assert all(s["invoices"] == [] for s in summaries if s["run"] == 2)
+    assert sum(len(s["invoices"]) for s in summaries) == len(reference)
+    _check_once_and_gap_free(db.url)
+    assert _invoices(db.url) == reference
+
+
+def test_a_dropped_connection_rolls_the_batch_back_and_it_is_retried(db: Db, reference: list[tuple[Any, ...]]) -> None:
+    build(db.url, SUBSCRIPTIONS)
+    dropped: list[int] = []
+
+    def fault(batch: int) -> None:
+        if batch == 2 and not dropped:
+            dropped.append(batch)
+            batch_uow = _current["uow"]
+            with UnitOfWork(db.engine) as spy:  # another session: nothing of batch 2 is visible
+                assert spy.runs.progress(1)["done"] == 2 * BATCH
+            raise_on_commit(db, batch_uow)
+
+    summary = run(db.engine, RUN, actor="t", batch=BATCH, fault=fault)
+    assert dropped == [2] and summary.retries == 1 and summary.state == "done"
+    _check_once_and_gap_free(db.url)
+    assert _invoices(db.url) == reference
+
+
+_current: dict[str, Any] = {}
+
+
+def raise_on_commit(db: Db, uow: UnitOfWork) -> None:
+    """Drop the batch's connection under it: PostgreSQL terminates the backend, SQLite closes
+    the file handle; the commit that follows fails."""
+    connection = uow.session.connection()
+    if db.backend == "postgresql":
+        try:
+            connection.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+        except Exception:  # noqa: BLE001,S110 - the backend is gone: that is the point
+            pass
+    else:
+        connection.connection.dbapi_connection.close()  # type: ignore[union-attr]
+
+
+@pytest.fixture(autouse=True)
+def _spy_on_units_of_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the latest unit of work at hand, so a fault can reach the batch's connection."""
+    original = UnitOfWork.__enter__
+
+    def enter(self: UnitOfWork) -> UnitOfWork:
+        entered = original(self)
+        _current["uow"] = entered
+        return entered
+
+    monkeypatch.setattr(UnitOfWork, "__enter__", enter)
+
+
+def test_a_customer_the_book_refuses_is_recorded_and_the_run_carries_on(db: Db) -> None:
+    build(db.url, 60)
+    with UnitOfWork(db.engine) as uow:
+        [victim] = uow.parts.load(["c0000004"])
+        part = CustomerPart.loads(victim.snapshot)
+        for sub in part.subscriptions.values():
+            sub.items.plan = "withdrawn"  # bad data: a plan the catalog does not have
+            for lp in sub.unbilled:
+                lp.items.plan = "withdrawn"
+        uow.session.execute(text("UPDATE customer_books SET snapshot = :s WHERE customer = 'c0000004'"),
+                            {"s": pickle.dumps(part)})
+        uow.commit()
+    summary = run(db.engine, RUN, actor="t", batch=BATCH)
+    assert summary.state == "done"
+    assert [c for c, _ in summary.failed] == ["c0000004"]
+    assert "withdrawn" in summary.failed[0][1]
+    assert summary.done == summary.customers - 1 and summary.invoices > 20
+    with UnitOfWork(db.engine) as uow:
+        [still] = uow.parts.load(["c0000004"])
+        assert still.version == victim.version  # left as it was: still due, retried by the next run
+    again = run(db.engine, RUN, actor="t", batch=BATCH)
+    assert [c for c, _ in again.failed] == ["c0000004"] and again.invoices == 0 and again.run_id == 2
+
+
+def test_a_dry_run_writes_nothing(db: Db, reference: list[tuple[Any, ...]]) -> None:
+    build(db.url, SUBSCRIPTIONS)
+
+    def counts() -> list[int]:
+        with db.engine.connect() as conn:
+            return [conn.execute(text(f"SELECT count(*) FROM {t}")).scalar_one()  # noqa: S608
+                    for t in ("invoices", "invoice_lines", "invoice_runs", "mrr_movements", "commands")]
+
+    before = counts()
+    with UnitOfWork(db.engine) as uow:
+        versions = {p.customer: p.version for p in uow.parts.load_all()}
+    summary = run(db.engine, RUN, actor="t", batch=BATCH, dry_run=True)
+    assert summary.invoices == len(reference)
+    assert sum(summary.totals.values()) > 0
+    assert counts() == before
+    with UnitOfWork(db.engine) as uow:
+        assert {p.customer: p.version for p in uow.parts.load_all()} == versions
+
+
+def test_sqlite_refuses_workers(db: Db, tmp_path: Path) -> None:
+    if db.backend != "sqlite":
+        pytest.skip("PostgreSQL takes workers")
+    result = subprocess.run([sys.executable, "-c", "from billing.cli import main; main()", "invoice-run",
+                             "--as-of", "2026-02-01", "--db", db.url, "--workers", "2"], capture_output=True,
+                            timeout=120, env={**os.environ})
+    assert result.returncode != 0 and b"one writer" in result.stderr
+    _ = datetime.now(UTC)
