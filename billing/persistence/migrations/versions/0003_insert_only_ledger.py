@@ -133,6 +133,12 @@ def downgrade() -> None:
         # SQLite drops a column with a foreign key only by copying the table, and dropping the
         # old copy would trip the references from movement_invoice_lines (pysqlite runs DDL
         # outside a transaction, so the pragma takes effect); the ids are the same afterwards.
+        # When a later revision was downgraded first, its alembic_version update has opened a
+        # transaction, where the pragma would do nothing: end it first (SQLite's DDL does not
+        # roll back with the rest anyway).
+        driver = bind.connection.driver_connection
+        if driver is not None and driver.in_transaction:
+            driver.commit()
         op.execute("PRAGMA foreign_keys = OFF")
     with op.batch_alter_table("mrr_movements") as batch:
         batch.drop_constraint(op.f("ck_mrr_movements_reversal_reference"), type_="check")
