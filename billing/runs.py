@@ -30,17 +30,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 from billing.book import Book, BookError, Outcome
-from billing.catalog import Metric
 from billing.money import from_minor
 from billing.persistence import ConcurrentModification, DatabaseError, Engine, UnitOfWork, utc_now
-from billing.persistence.parts import usage_rows
+from billing.persistence.usage_store import BatchedUsage
 from billing.records import Invoice, LineRef
 from billing.scenario import InvoiceRunEvent
-from billing.usage import Measured, UsageRecord, UsageSource, aggregate_rows, micros
+from billing.usage import UsageSource
 
 if TYPE_CHECKING:
     from billing.service import Applied
@@ -93,31 +91,17 @@ class RunSummary:
         }
 
 
-class BatchUsage:
-    """A usage source for one batch: the usage events of the batch's subscriptions since the
-    oldest usage period they have open or unbilled, read in one query and aggregated in memory
-    (`billing.usage.aggregate_rows`, the same rules as the SQL). `weighted_sum` needs the level
-    held before a period, so it still asks the database; recording goes to the database."""
+class BatchUsage(BatchedUsage):
+    """A usage source for one batch (billing.persistence.usage_store.BatchedUsage): the first
+    time the book asks for a (metric, period), the aggregates of every subscription of the batch
+    for it come from one grouped SQL query, never the events themselves into Python, so a batch's
+    memory does not grow with its usage. `weighted_sum` asks per subscription; recording goes to
+    the database."""
 
     def __init__(self, fallback: UsageSource, session: Any, book: Book, until: datetime) -> None:
-        self.fallback = fallback
-        self.rows: dict[tuple[str, str], list[Measured]] = {}
-        subs = [sub for sub in book.subscriptions.values() if sub.usage_open is not None or sub.usage_unbilled]
-        starts = [t for sub in subs for t in (sub.usage_open, *(up.start for up in sub.usage_unbilled))
-                  if t is not None]
-        if not subs or not starts:
-            return
-        self.rows = usage_rows(session, [sub.id for sub in subs], micros(min(starts)), micros(until))
-
-    def record(self, subscription: str, metric: Metric, record: UsageRecord) -> bool:
-        return self.fallback.record(subscription, metric, record)
-
-    def aggregate(self, subscription: str, metric: Metric, start: datetime, end: datetime,
-                  *, held_until: datetime | None = None) -> Fraction:
-        if metric.aggregation == "weighted_sum":
-            return self.fallback.aggregate(subscription, metric, start, end, held_until=held_until)
-        return aggregate_rows(metric, self.rows.get((subscription, metric.code), []), start, end,
-                              held_until=held_until)
+        del fallback, until  # the batch's own session is the source; periods end where the book asks
+        super().__init__(session, [sub.id for sub in book.subscriptions.values()
+                                   if sub.usage_open is not None or sub.usage_unbilled])
 
 
 @dataclass
@@ -183,12 +167,16 @@ def run(engine: Engine, ev: InvoiceRunEvent, *, actor: str, idempotency_key: str
                 result = _bill_batch(engine, run_id, command_id, ev, index=index, batch=batch, clock=clock,
                                      skip_locked=skip_locked, fault=fault, number=summary.batches)
                 break
-            except (DatabaseError, ConcurrentModification):
+            except (DatabaseError, ConcurrentModification) as exc:
                 attempt += 1
                 summary.retries += 1
                 if attempt > RETRIES:
+                    _give_up(engine, run_id, exc, clock=clock)
                     raise
                 time.sleep(min(0.05 * 2 ** attempt, 1.0))
+            except Exception as exc:
+                _give_up(engine, run_id, exc, clock=clock)
+                raise
         if result is None:
             break
         summary.batches += 1
@@ -202,6 +190,17 @@ def run(engine: Engine, ev: InvoiceRunEvent, *, actor: str, idempotency_key: str
         if progress is not None:
             progress(done_count, total)
     return _close(engine, run_id, command_id, summary, clock=clock, started=started)
+
+
+def _give_up(engine: Engine, run_id: int, exc: BaseException, *, clock: Callable[[], datetime]) -> None:
+    """The run cannot go on (the database keeps failing, a bug): mark it failed with the reason;
+    running the same command again resumes it."""
+    try:
+        with UnitOfWork(engine, clock=clock) as uow:
+            uow.runs.set_state(run_id, "failed", now=uow.now(), error=f"{type(exc).__name__}: {exc}"[:2000])
+            uow.commit()
+    except DatabaseError:
+        pass  # the database is gone: the run stays in drafting, which resumes the same way
 
 
 def _plan(engine: Engine, ev: InvoiceRunEvent, *, actor: str, idempotency_key: str | None, index: int | None,
@@ -222,6 +221,9 @@ def _plan(engine: Engine, ev: InvoiceRunEvent, *, actor: str, idempotency_key: s
                     return found.id, found.command_id, True
         unfinished = uow.runs.unfinished(ev.at)
         if unfinished is not None:
+            if unfinished.state == "failed":
+                uow.runs.set_state(unfinished.id, "drafting", now=uow.now())
+                uow.commit()
             return unfinished.id, unfinished.command_id, True
         if uow.book.load() is None:
             from billing.service import ServiceError
@@ -320,7 +322,7 @@ def _close(engine: Engine, run_id: int, command_id: int, summary: RunSummary, *,
         counts = uow.runs.progress(run_id)
         stored = uow.runs.get(run_id)
         assert stored is not None
-        if counts["pending"] == 0 and stored.state in ("planned", "drafting"):
+        if counts["pending"] == 0 and stored.state in ("planned", "drafting", "failed"):
             uow.runs.set_state(run_id, "finalizing", now=uow.now())
             uow.runs.set_state(run_id, "done", now=uow.now())
         uow.commit()

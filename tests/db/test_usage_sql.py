@@ -17,7 +17,7 @@ from dbkit import Db
 from billing import service
 from billing.catalog import Metric
 from billing.persistence import UnitOfWork
-from billing.persistence.usage_store import aggregate_all
+from billing.persistence.usage_store import BatchedUsage, aggregate_all
 from billing.replay import replay_in_memory
 from billing.scenario import parse_scenario_text
 from billing.usage import MemoryUsage, UsageRecord, micros
@@ -63,12 +63,14 @@ def test_sql_aggregates_equal_the_in_memory_ones(db: Db, seed: int) -> None:
                 props["size"] = rnd.choice([3, "12.5", "7.125", "x"])
             record = UsageRecord(at, metric.code, value, f"k{rnd.randint(1, 350)}", props)
             assert uow.usage.record(sub, metric, record) == memory.record(sub, metric, record)
+        batched = BatchedUsage(uow.session, ["a", "b", "c"])
         for metric in METRICS:
-            for sub in ("a", "b"):
+            for sub in ("a", "b", "c"):
                 for start, end, held in ((START, END, None), (START, START + timedelta(days=9), END),
                                          (START + timedelta(days=2), END, None)):
                     expected = memory.aggregate(sub, metric, start, end, held_until=held)
                     assert uow.usage.aggregate(sub, metric, start, end, held_until=held) == expected, (metric, sub)
+                    assert batched.aggregate(sub, metric, start, end, held_until=held) == expected, (metric, sub)
         everyone = aggregate_all(uow.session, METRICS, micros(START), micros(END))
         for (sub, code), value in everyone.items():
             assert value == memory.aggregate(sub, by_code[code], START, END)
