@@ -38,6 +38,7 @@ from billing.persistence import ConcurrentModification, DatabaseError, Engine, U
 from billing.persistence.usage_store import BatchedUsage
 from billing.records import Invoice, LineRef
 from billing.scenario import InvoiceRunEvent
+from billing.shards import PROVISIONAL, Counters, renumber
 from billing.usage import UsageSource
 
 if TYPE_CHECKING:
@@ -251,22 +252,30 @@ def _bill_batch(engine: Engine, run_id: int, command_id: int, ev: InvoiceRunEven
     from billing.service import _require_book, _view_of, save_parts
 
     with UnitOfWork(engine, clock=clock) as uow:
-        # the sequences first: a batch's numbers are taken in the transaction that writes it, and
-        # whoever holds them sees every batch committed before (no customer claimed twice)
-        uow.parts.lock_sequences(())
+        # A batch's numbers are taken in the transaction that writes it. With SKIP LOCKED claims
+        # (PostgreSQL) a batch computes first with provisional numbers and takes the real ones at
+        # the end, so workers compute in parallel; otherwise it takes the sequences first, and
+        # whoever holds them sees every batch committed before (no customer claimed twice).
+        late = skip_locked
+        if not late:
+            uow.parts.lock_sequences(())
         customers = uow.runs.claim(run_id, batch, skip_locked=skip_locked)
         if not customers:
             return None
         stored = _require_book(uow)
         failed: dict[str, str] = {}
         try:
-            book, loaded, sequences, before, outcome = _bill(uow, stored, ev, customers, index=index)
+            book, loaded, sequences, before, outcome = _bill(uow, stored, ev, customers, index=index, late=late)
         except DatabaseError:
             raise
         except Exception:  # noqa: BLE001 - bad data in one customer: find whom, bill the others
             failed = _failing(uow, stored, ev, customers, index=index)
             good = [c for c in customers if c not in failed]
-            book, loaded, sequences, before, outcome = _bill(uow, stored, ev, good, index=index)
+            book, loaded, sequences, before, outcome = _bill(uow, stored, ev, good, index=index, late=late)
+        if late:
+            sequences = uow.parts.lock_sequences(())
+            outcome = renumber(book, outcome, Counters(**{k: v for k, v in sequences.items()
+                                                         if k in Counters.names()}))
         now = uow.now()
         save_parts(uow, book, {c: v for c, v in loaded.items() if c not in failed}, sequences)
         uow.ledger.add_invoices(outcome.issued, command_id)
@@ -289,11 +298,14 @@ def _bill_batch(engine: Engine, run_id: int, command_id: int, ev: InvoiceRunEven
 
 
 def _bill(uow: UnitOfWork, stored: Any, ev: InvoiceRunEvent, customers: Sequence[str], *,
-          index: int | None) -> tuple[Book, dict[str, int], dict[str, int], Any, Outcome]:
-    """Assemble these customers' book and apply the run to it (nothing written yet)."""
+          index: int | None, late: bool = False) -> tuple[Book, dict[str, int], dict[str, int], Any, Outcome]:
+    """Assemble these customers' book and apply the run to it (nothing written yet); `late`:
+    with provisional numbers, nothing locked (see `billing.shards.renumber`)."""
     from billing.service import _view_of, load_parts
 
-    book, loaded, sequences = load_parts(uow, stored, ev, customers)
+    book, loaded, sequences = load_parts(uow, stored, ev, customers, lock=not late)
+    if late:
+        book.next_invoice = book.next_movement = book.next_change = PROVISIONAL
     book.use_usage_source(BatchUsage(uow.usage, uow.session, book, ev.at))
     before = _view_of(book)
     outcome = book.apply(ev, index, discard_on_error=True) if customers else Outcome()

@@ -309,12 +309,13 @@ def _execute_once(engine: Engine, ev: Event, payload: dict[str, Any], *, actor: 
     return Applied(outcome, command_id)
 
 
-def load_parts(uow: UnitOfWork, stored: StoredBook, ev: Event,
-               customers: Sequence[str] | None = None) -> tuple[Book, dict[str, int], dict[str, int]]:
+def load_parts(uow: UnitOfWork, stored: StoredBook, ev: Event, customers: Sequence[str] | None = None,
+               *, lock: bool = True) -> tuple[Book, dict[str, int], dict[str, int]]:
     """A book of the customers `ev` names (or exactly `customers`) and of every customer with a
     transition due by its time (billing.shards), with the shared counters locked for this
-    transaction; also the versions loaded and the counters as they were."""
-    sequences = uow.parts.lock_sequences(Counters.names())
+    transaction (unless `lock` is false: a run batch on PostgreSQL computes first and takes the
+    numbers at the end); also the versions loaded and the counters as they were."""
+    sequences = uow.parts.lock_sequences(Counters.names()) if lock else uow.parts.sequences()
     if customers is None:
         named = customers_of(ev, subscription_owner=lambda s: uow.parts.subscription_owners([s]).get(s),
                              invoice_owner=uow.parts.invoice_owner)

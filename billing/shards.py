@@ -22,10 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 
-from billing.book import Account, Book
+from billing.book import Account, Book, Outcome
 from billing.catalog import Catalog
-from billing.discounts import Coupon
-from billing.records import CreditNote, Invoice
+from billing.discounts import Coupon, Tag
+from billing.records import CreditNote, Invoice, LineRef
 from billing.scenario import Event, Settings
 from billing.subscription import Subscription
 
@@ -146,3 +146,57 @@ def customers_of(event: Event, *, subscription_owner: Callable[[str], str | None
     if isinstance(invoice, str) and (owner := invoice_owner(invoice)) is not None:
         found.add(owner)
     return found
+
+
+PROVISIONAL = 10**12
+"""Where a batch computed before it holds the sequences numbers from (far above any real number)."""
+
+
+def provisional(counters: Counters) -> Counters:
+    """Counters for computing a run batch before taking the real numbers: invoices, movements and
+    changes start at PROVISIONAL (a run issues no credit note and creates no coupon or customer)."""
+    return Counters(invoice=PROVISIONAL, credit_note=counters.credit_note, movement=PROVISIONAL, change=PROVISIONAL,
+                    coupon=counters.coupon, customer=counters.customer, subscription=counters.subscription)
+
+
+def renumber(book: Book, outcome: Outcome, real: Counters) -> Outcome:
+    """Give what a batch computed with `provisional` counters the numbers the sequences hold now
+    (taken at finalization): its invoices, movements and change ids, wherever they appear — the
+    outcome, the invoices and links in the book, the customers' link tags and pending lines. The
+    book's counters become the real ones."""
+
+    def invoice_no(number: str) -> str:
+        prefix, _, digits = number.rpartition("-")
+        if digits.isdigit() and int(digits) >= PROVISIONAL:
+            return f"{prefix}-{int(digits) - PROVISIONAL + real.invoice:04d}"
+        return number
+
+    def movement_id(value: int) -> int:
+        return value - PROVISIONAL + real.movement if value >= PROVISIONAL else value
+
+    def tag(t: Tag) -> Tag:
+        if t[0] == "chg" and t[1].isdigit() and int(t[1]) >= PROVISIONAL:
+            return ("chg", str(int(t[1]) - PROVISIONAL + real.change), *t[2:])
+        return t
+
+    def ref(r: LineRef) -> LineRef:
+        number = invoice_no(r.invoice)
+        return r if number == r.invoice else LineRef(invoice=number, line=r.line)
+
+    issued = [i.model_copy(update={"number": invoice_no(i.number)}) for i in outcome.issued]
+    renamed = {old.number: new for old, new in zip(outcome.issued, issued, strict=True)}
+    if renamed:
+        book.invoices = {renamed[n].number if n in renamed else n: renamed.get(n, inv)
+                         for n, inv in book.invoices.items()}
+        book.invoice_order = [renamed[n].number if n in renamed else n for n in book.invoice_order]
+    for acct in book.accounts.values():
+        acct.movement_tags = {tag(t): [movement_id(m) for m in ids] for t, ids in acct.movement_tags.items()}
+        acct.line_tags = {tag(t): [ref(r) for r in refs] for t, refs in acct.line_tags.items()}
+        for pending in acct.pending:
+            pending.tags = [tag(t) for t in pending.tags]
+    movements = [m.model_copy(update={"id": movement_id(m.id)}) for m in outcome.movements]
+    book.next_invoice = book.next_invoice - PROVISIONAL + real.invoice
+    book.next_movement = book.next_movement - PROVISIONAL + real.movement
+    book.next_change = book.next_change - PROVISIONAL + real.change
+    return Outcome(issued=issued, status_changes=list(outcome.status_changes), credit_notes=list(outcome.credit_notes),
+                   movements=movements, links=[(movement_id(m), ref(r)) for m, r in outcome.links])

@@ -267,7 +267,7 @@ class RunRepository:
     def unfinished(self, as_of: datetime) -> StoredRun | None:
         row = self.session.scalars(
             select(InvoiceRunRow).where(InvoiceRunRow.as_of == as_of,
-                                        InvoiceRunRow.state.in_(("planned", "drafting", "finalizing")))
+                                        InvoiceRunRow.state.in_(("planned", "drafting", "finalizing", "failed")))
             .order_by(InvoiceRunRow.id).limit(1)).first()
         return None if row is None else _run(row)
 

@@ -238,3 +238,42 @@ def test_sqlite_refuses_workers(db: Db, tmp_path: Path) -> None:
                             timeout=120, env={**os.environ})
     assert result.returncode != 0 and b"one writer" in result.stderr
     _ = datetime.now(UTC)
+
+
+def test_a_run_that_cannot_go_on_is_marked_failed_and_resumed_by_the_same_command(
+        db: Db, reference: list[tuple[Any, ...]]) -> None:
+    build(db.url, SUBSCRIPTIONS)
+
+    def fault(batch: int) -> None:
+        if batch == 1:
+            raise RuntimeError("the disk is full")
+
+    with pytest.raises(RuntimeError, match="disk is full"):
+        run(db.engine, RUN, actor="t", batch=BATCH, fault=fault)
+    with UnitOfWork(db.engine) as uow:
+        stored = uow.runs.latest()
+        assert stored is not None and stored.state == "failed" and "disk is full" in (stored.error or "")
+        assert uow.runs.progress(stored.id)["done"] == BATCH
+    resumed = run(db.engine, RUN, actor="t", batch=BATCH)
+    assert resumed.resumed and resumed.state == "done" and resumed.run_id == stored.id
+    _check_once_and_gap_free(db.url)
+    assert _invoices(db.url) == reference
+
+
+def test_workers_on_postgresql_bill_everyone_once_with_gap_free_numbers(
+        db: Db, reference: list[tuple[Any, ...]]) -> None:
+    if db.backend != "postgresql":
+        pytest.skip("SQLite has one writer")
+    build(db.url, SUBSCRIPTIONS)
+    result = subprocess.run([sys.executable, "-c", "from billing.cli import main; main()", "invoice-run",
+                             "--as-of", "2026-02-01", "--db", db.url, "--workers", "3", "--batch", "10", "--quiet",
+                             "--json"], capture_output=True, timeout=300)
+    assert result.returncode == 0, result.stderr.decode()
+    summary = json.loads(result.stdout)
+    assert summary["state"] == "done" and summary["failed"] == []
+    _check_once_and_gap_free(db.url)
+    # the same invoices as one worker, numbered in the order the workers finalized them
+    assert sorted(r[1:] for r in _invoices(db.url)) == sorted(r[1:] for r in reference)
+    assert sorted(r[0] for r in _invoices(db.url)) == sorted(r[0] for r in reference)
+    with UnitOfWork(db.engine) as uow:
+        assert uow.runs.progress(1) == {"pending": 0, "done": summary["customers"], "failed": 0}
