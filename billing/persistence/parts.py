@@ -206,7 +206,7 @@ class PartsRepository:
                     kind = "usage" if line.kind == "usage" else "licensed"
                     rows.setdefault((line.subscription, kind, line.period_start, line.period_end), invoice.number)
         if rows:
-            self.session.execute(insert(BilledPeriodRow), [
+            self.session.connection().execute(insert(cast(Table, BilledPeriodRow.__table__)), [
                 {"subscription": s, "kind": k, "period_start": a, "period_end": b, "invoice_number": n}
                 for (s, k, a, b), n in rows.items()])
 
