@@ -304,6 +304,10 @@ def _bill(uow: UnitOfWork, stored: Any, ev: InvoiceRunEvent, customers: Sequence
     from billing.service import _view_of, load_parts
 
     book, loaded, sequences = load_parts(uow, stored, ev, customers, lock=not late)
+    if book.clock is not None and book.clock > ev.at:
+        # commands dated after the run's date came in while it ran (or before it was resumed):
+        # their customers are already past it, and the run still bills what was due at its date
+        book.clock = ev.at
     if late:
         book.next_invoice = book.next_movement = book.next_change = PROVISIONAL
     book.use_usage_source(BatchUsage(uow.usage, uow.session, book, ev.at))
@@ -377,6 +381,8 @@ def _dry_run(engine: Engine, ev: InvoiceRunEvent, *, index: int | None, batch: i
             summary.failed.extend(failed.items())
             good = [c for c in chunk if c not in failed]
             book, _, _ = load_parts(uow, stored, ev, good)
+            if book.clock is not None and book.clock > ev.at:
+                book.clock = ev.at
             if counters is not None:
                 _continue_counters(book, counters)
             book.use_usage_source(BatchUsage(uow.usage, uow.session, book, ev.at))

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Integer, String, Table, and_, bindparam, func, insert, literal, select, update
+from sqlalchemy import Integer, String, Table, and_, bindparam, func, insert, literal, or_, select, update
 from sqlalchemy.orm import Session
 
 from billing.money import to_minor
@@ -92,8 +92,13 @@ class PartsRepository:
         return self.session.scalar(select(BookStateRow.clock))
 
     def set_clock(self, at: datetime | None) -> None:
-        self.session.execute(update(BookStateRow).where(BookStateRow.id == 1).values(clock=at)
-                             .execution_options(synchronize_session=False))
+        """Move the book's clock forward to `at` (never back: a batch of a run dated before a
+        command that came in while it ran leaves the clock at the command's time)."""
+        if at is None:
+            return
+        self.session.execute(update(BookStateRow)
+                             .where(BookStateRow.id == 1, or_(BookStateRow.clock.is_(None), BookStateRow.clock < at))
+                             .values(clock=at).execution_options(synchronize_session=False))
 
     # parts
 

@@ -277,3 +277,29 @@ def test_workers_on_postgresql_bill_everyone_once_with_gap_free_numbers(
     assert sorted(r[0] for r in _invoices(db.url)) == sorted(r[0] for r in reference)
     with UnitOfWork(db.engine) as uow:
         assert uow.runs.progress(1) == {"pending": 0, "done": summary["customers"], "failed": 0}
+
+
+def test_a_change_that_comes_in_while_a_run_is_unfinished_is_neither_lost_nor_billed_twice(
+        db: Db, reference: list[tuple[Any, ...]]) -> None:
+    from billing import service
+
+    build(db.url, SUBSCRIPTIONS)
+    child = subprocess.run([sys.executable, "-c", CHILD, db.url, "3", str(BATCH)], capture_output=True, timeout=300)
+    assert child.returncode == -signal.SIGKILL, child.stderr.decode()
+    with db.engine.connect() as conn:
+        sub, quantity = conn.execute(text(
+            "SELECT s.id, s.quantity FROM subscriptions s JOIN invoice_run_customers r ON r.customer = s.customer "
+            "WHERE r.state = 'pending' AND s.plan = 'team' ORDER BY r.position LIMIT 1")).one()
+    # mid-cycle, after the run's date: it advances the customers still waiting for the run
+    service.change_quantity(db.engine, subscription=sub, quantity=quantity + 5, at="2026-02-10", actor="sales")
+    resumed = run(db.engine, RUN, actor="t", batch=BATCH)
+    assert resumed.resumed and resumed.state == "done" and resumed.failed == []
+    _check_once_and_gap_free(db.url)
+    assert len(_invoices(db.url)) == len(reference)
+    with UnitOfWork(db.engine) as uow:
+        assert uow.parts.clock() == datetime(2026, 2, 10, tzinfo=UTC)  # the clock never goes back
+        mine = [i for i in uow.ledger.invoices() if any(line.subscription == sub for line in i.lines)]
+    february = mine[-1]
+    kinds = [line.kind for line in february.lines if line.subscription == sub]
+    assert kinds.count("plan") == 1 and kinds.count("proration") == 2  # the change billed once, on that invoice
+    assert [line.quantity for line in february.lines if line.subscription == sub and line.kind == "plan"] == [quantity]
