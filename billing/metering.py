@@ -79,10 +79,19 @@ def _measurer(metric: Metric) -> Measurer:
     return lambda _value, scaled_value, _props: (True, scaled_value, None)
 
 
+MAX_REASON = 300
+
+
 @dataclass(frozen=True)
 class Rejection:
+    """A refused line and why; a reason quoting hostile input is cut to 300 characters."""
+
     line: int
     reason: str
+
+    def __post_init__(self) -> None:
+        if len(self.reason) > MAX_REASON:
+            object.__setattr__(self, "reason", f"{self.reason[:MAX_REASON]}… ({len(self.reason)} characters)")
 
     def __str__(self) -> str:
         return f"line {self.line}: {self.reason}"
