@@ -253,12 +253,14 @@ def _catalog_file(raw: Any, path: str) -> tuple[Catalog, Settings | None]:
 @catalog.command("load")
 @click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
 @db_option
+@actor_option
 @click.pass_context
-def catalog_load(ctx: click.Context, file: str, db: str) -> None:
-    """Load a catalog from FILE (a bare catalog or {"settings": ..., "catalog": ...})."""
+def catalog_load(ctx: click.Context, file: str, db: str, actor: str) -> None:
+    """Load a catalog from FILE (a bare catalog or {"settings": ..., "catalog": ...}); a load that
+    changes something is recorded in the audit log with the actor."""
     new_catalog, settings = _catalog_file(_read_json(file), file)
     engine = _open(ctx, db)
-    result = service.load_catalog(engine, new_catalog, settings)
+    result = service.load_catalog(engine, new_catalog, settings, actor=actor)
     click.echo(
         f"catalog {result}: {len(new_catalog.plans)} plan(s), {len(new_catalog.addons)} add-on(s), "
         f"{len(new_catalog.metrics)} metric(s)"
@@ -313,7 +315,7 @@ def apply_file(ctx: click.Context, file: str, until: datetime | None, db: str, a
     if existing is None:
         if not has_catalog:
             raise ServiceError(f"no catalog in the database and none in {file}; run `billing catalog load` first")
-        service.load_catalog(engine, scenario.catalog, scenario.settings)
+        service.load_catalog(engine, scenario.catalog, scenario.settings, actor=actor)
         click.echo(f"loaded the catalog and settings of {file}")
     elif has_catalog and (existing[1] != scenario.catalog or existing[0] != scenario.settings):
         click.echo(f"note: the database already has a catalog; the one in {file} is not loaded", err=True)

@@ -51,10 +51,12 @@ def usage() -> None:
               show_default=True, help="Where the rejected lines' report goes (- for stderr).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@click.option("--actor", envvar="BILLING_ACTOR", default="cli", show_default=True,
+              help="Who is ingesting, recorded in the audit log with the time and the file (env BILLING_ACTOR).")
 @db_option
 @click.pass_context
 def ingest_command(ctx: click.Context, file: str, fmt: str, grace: str, rejects_path: str, no_progress: bool,
-                   as_json: bool, db: str) -> None:
+                   as_json: bool, actor: str, db: str) -> None:
     """Ingest usage events from FILE (JSON lines or CSV; - for stdin). Bad lines are reported
     with their line number and reason, good ones kept; repeated ids are counted as duplicates."""
     from tqdm import tqdm
@@ -83,7 +85,7 @@ def ingest_command(ctx: click.Context, file: str, fmt: str, grace: str, rejects_
 
     try:
         summary = ingest(engine, open_reader(stream, kind), grace=grace_period, on_reject=on_reject,
-                         progress=progress)
+                         progress=progress, actor=actor, source="stdin" if file == "-" else file)
     except IngestError as exc:
         raise _service_error(exc) from None
     finally:

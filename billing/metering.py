@@ -40,6 +40,7 @@ from billing.book import Book, BookError
 from billing.catalog import Metric
 from billing.money import round_money
 from billing.persistence import Engine, UnitOfWork, utc_now
+from billing.persistence.audit_log import record_action
 from billing.persistence.usage_store import BulkWriter, Row
 from billing.scenario import parse_instant
 from billing.usage import (
@@ -336,11 +337,14 @@ def ingest(
     on_reject: Callable[[Rejection], None] | None = None,
     progress: Callable[[int], None] | None = None,
     chunk: int | None = None,
+    actor: str = "library",
+    source: str | None = None,
 ) -> IngestSummary:
     """Store the good rows, count duplicates, report the bad ones (see the module docstring).
 
     `grace` None accepts late events in closed, uninvoiced periods whatever their age.
-    `progress` is called with the number of rows done after each chunk.
+    `progress` is called with the number of rows done after each chunk. The ingest is written to
+    the audit log first (`actor`, the time, `source`), and every event it stores names that entry.
 
     The calling thread reads and parses; writer threads (two on PostgreSQL, whose server inserts
     one chunk while the next is copied; one on SQLite, which writes one transaction at a time)
@@ -351,6 +355,9 @@ def ingest(
     if book is None:
         raise IngestError("no catalog loaded; run `billing catalog load FILE` first")
     parser = _Parser(book.catalog.metrics)
+    with engine.begin() as conn:
+        ingest_id = record_action(conn, action="usage_ingest", actor=actor, at=clock(),
+                                  detail={"source": source})
     if chunk is None:
         chunk = CHUNKS.get(engine.dialect.name, CHUNK)
     summary = IngestSummary()
@@ -384,7 +391,7 @@ def ingest(
                     progress(ready.rows)
 
     def write_all(inbox: queue.Queue[_Batch | None]) -> None:
-        writer = BulkWriter(engine)
+        writer = BulkWriter(engine, ingest_id)
         seen_version: tuple[int, int] | None = None
         current = book
         try:

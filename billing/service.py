@@ -50,6 +50,7 @@ from billing.persistence import (
     upgrade,
     utc_now,
 )
+from billing.persistence.audit_log import record_action
 from billing.records import CreditNote, Invoice, InvoiceStatus, MrrMovement, reversing_entry
 from billing.replay import ReplayResult, metrics_for
 from billing.retry import retrying
@@ -177,7 +178,8 @@ LoadResult = Literal["created", "replaced", "extended", "unchanged"]
 
 
 def load_catalog(
-    engine: Engine, catalog: Catalog, settings: Settings | None = None, *, clock: Clock = utc_now
+    engine: Engine, catalog: Catalog, settings: Settings | None = None, *, clock: Clock = utc_now,
+    actor: str = "library",
 ) -> LoadResult:
     """Install the catalog (and settings) the book prices with.
 
@@ -185,6 +187,7 @@ def load_catalog(
     be replaced ("replaced"). Afterwards the catalog may only grow: every existing plan, add-on
     and metric must be kept unchanged ("extended"), and the settings cannot change — history
     already billed must never be re-priced. Loading what is already there is "unchanged".
+    A load that changes something is written to the audit log with `actor` and the time.
     """
     with UnitOfWork(engine, clock=clock) as uow:
         stored = uow.book.load()
@@ -192,6 +195,7 @@ def load_catalog(
         if stored is None:
             new_settings = settings if settings is not None else Settings()
             uow.book.create(new_settings, catalog, Book(new_settings, catalog).dumps(), now=now)
+            _audit_catalog(uow, "created", catalog, actor, now)
             uow.commit()
             return "created"
         settings_same = settings is None or settings == stored.settings
@@ -207,6 +211,7 @@ def load_catalog(
                 settings=new_settings,
                 catalog=catalog,
             )
+            _audit_catalog(uow, "replaced", catalog, actor, now)
             uow.commit()
             return "replaced"
         if not settings_same:
@@ -216,8 +221,15 @@ def load_catalog(
         _check_additive(stored.catalog, catalog)
         # the customers' parts hold no catalog: the book prices with the one stored here
         uow.book.save(stored.snapshot, expected_version=stored.version, now=now, catalog=catalog)
+        _audit_catalog(uow, "extended", catalog, actor, now)
         uow.commit()
         return "extended"
+
+
+def _audit_catalog(uow: UnitOfWork, result: str, catalog: Catalog, actor: str, now: datetime) -> None:
+    record_action(uow.session, action="catalog_load", actor=actor, at=now,
+                  detail={"result": result, "plans": [p.code for p in catalog.plans],
+                          "addons": [a.code for a in catalog.addons], "metrics": [m.code for m in catalog.metrics]})
 
 
 def _check_additive(old: Catalog, new: Catalog) -> None:

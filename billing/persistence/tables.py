@@ -374,3 +374,19 @@ class UsageEventRow(Base):
     dim: Mapped[str | None] = mapped_column(Text, nullable=True)
     key: Mapped[str] = mapped_column(String(500))
     properties: Mapped[str] = mapped_column(Text)
+    ingest_id: Mapped[int | None] = mapped_column(Integer, nullable=True)  # audit_log row of the ingest
+
+
+class AuditLogRow(Base):
+    """Who changed billing state outside the command ledger, and when: catalog loads and usage
+    ingests (migration 0007). Insert-only (triggers)."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (UniqueConstraint("idempotency_key", name="uq_audit_log_idempotency_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    action: Mapped[str] = mapped_column(String(32))
+    actor: Mapped[str] = mapped_column(String(200))
+    recorded_at: Mapped[datetime]
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON)

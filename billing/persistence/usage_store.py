@@ -186,8 +186,9 @@ class BulkWriter:
     write lock at once — so the book does not change while a chunk is checked against it and
     written."""
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Any, ingest_id: int | None = None) -> None:
         self.engine = engine
+        self.ingest_id = None if ingest_id is None else int(ingest_id)  # an int: safe in the SQL below
         self.dialect: str = engine.dialect.name
         self.raw = engine.raw_connection()
         self.dbapi: Any = self.raw.driver_connection
@@ -225,15 +226,21 @@ class BulkWriter:
         if self.dialect == "sqlite":
             before = self.dbapi.total_changes
             self.dbapi.executemany(
-                f"INSERT OR IGNORE INTO usage_events ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)  # noqa: S608
+                f"INSERT OR IGNORE INTO usage_events ({COLUMNS}, ingest_id) "  # noqa: S608
+                f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, {self._ingest_sql})", rows)
             return int(self.dbapi.total_changes - before)
         with self.dbapi.cursor() as cur:
             with cur.copy(f"COPY usage_stage (ord, {COLUMNS}) FROM STDIN") as copy:  # noqa: S608
                 for ord_, row in enumerate(rows):
                     copy.write_row((ord_, *row))
-            cur.execute(f"INSERT INTO usage_events ({COLUMNS}) SELECT {COLUMNS} FROM usage_stage "  # noqa: S608
+            cur.execute(f"INSERT INTO usage_events ({COLUMNS}, ingest_id) "  # noqa: S608
+                        f"SELECT {COLUMNS}, {self._ingest_sql} FROM usage_stage "
                         "ORDER BY ord ON CONFLICT (subscription, key) DO NOTHING")
             return int(cur.rowcount)  # the staged rows go at commit (ON COMMIT DELETE ROWS)
+
+    @property
+    def _ingest_sql(self) -> str:
+        return "NULL" if self.ingest_id is None else str(self.ingest_id)
 
     def commit(self) -> None:
         self.dbapi.commit()

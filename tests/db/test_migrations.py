@@ -15,6 +15,7 @@ from billing.persistence.tables import Base
 
 TABLES = {
     "alembic_version",
+    "audit_log",
     "billed_periods",
     "book_state",
     "commands",
@@ -42,7 +43,7 @@ def test_upgrade_creates_every_table(empty_db: Db) -> None:
     assert current_revision(empty_db.engine) is None
     upgrade(empty_db.engine)
     assert set(inspect(empty_db.engine).get_table_names()) == TABLES
-    assert current_revision(empty_db.engine) == head_revision() == "0006_immutable"
+    assert current_revision(empty_db.engine) == head_revision() == "0007_audit"
 
 
 def test_migrated_schema_matches_the_models(db: Db) -> None:
@@ -72,5 +73,5 @@ def test_upgrade_is_idempotent_and_downgrade_reverses_it(db: Db) -> None:
 
 
 def test_init_database_from_a_url(empty_db: Db) -> None:
-    assert service.init_database(empty_db.url) == "0006_immutable"
+    assert service.init_database(empty_db.url) == "0007_audit"
     service.check_schema(empty_db.engine)
