@@ -33,6 +33,7 @@ from fractions import Fraction
 from typing import Any, Protocol
 
 from billing.catalog import Metric, price_quantity
+from billing.money import shown
 
 DECIMALS = 6
 SCALE = 10**DECIMALS
@@ -118,7 +119,7 @@ def parse_value(raw: object, what: str = "value") -> Decimal:
         try:
             value = Decimal(raw.strip())
         except InvalidOperation:
-            raise UsageValueError(f"{what} {raw!r} is not a decimal number") from None
+            raise UsageValueError(f"{what} {shown(raw)} is not a decimal number") from None
     elif isinstance(raw, float):
         raise UsageValueError(f"{what} must be a decimal string or an exact number, not a float")
     else:

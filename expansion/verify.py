@@ -27,7 +27,7 @@ A movement → invoice line link always names a line that exists: a foreign key 
 from __future__ import annotations
 
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -122,8 +122,9 @@ def check_numbering(conn: Connection) -> tuple[int, list[Finding]]:
                 continue
             series[m.group(1)].append(int(m.group(2)))
         for prefix, numbers in sorted(series.items()):
-            seen = set(numbers)
-            twice = sorted(n for n in seen if numbers.count(n) > 1) if len(seen) != len(numbers) else []
+            uses = Counter(numbers)
+            seen = set(uses)
+            twice = sorted(n for n, times in uses.items() if times > 1)
             missing = sorted(set(range(1, max(numbers) + 1)) - seen)
             if missing:
                 shown = ", ".join(str(n) for n in missing[:20]) + (" …" if len(missing) > 20 else "")

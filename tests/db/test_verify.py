@@ -108,3 +108,12 @@ def test_a_snapshot_and_a_maintained_figure_that_disagree_with_the_ledger(db: Db
            ("UPDATE customer_mrr_months SET mrr_end = mrr_end + 7 WHERE customer = 'acme'", {}))
     findings = found(db)
     assert findings["ledger_snapshots"] == ["customer acme, 2026-01: moved 150007 but its entries sum to 150000"]
+
+
+def test_a_number_written_twice_in_another_padding(db: Db) -> None:
+    replay(db, "02")
+    tamper(db, ("INSERT INTO invoices (number, seq, customer, currency, status, issued_at, billing_date, subtotal, "
+                "discount, tax, total, credit_applied, amount_due, credit_added, command_id) "
+                "SELECT 'INV-002', 9, customer, currency, status, issued_at, billing_date, 0, 0, 0, 0, 0, 0, 0, "
+                "command_id FROM invoices WHERE number = 'INV-0001'", {}))
+    assert found(db)["invoice_numbering"] == ["series 'INV-' (invoices): used twice: 2"]
