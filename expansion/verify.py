@@ -36,6 +36,8 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, text
 
+from billing.periods import iso, month_start
+
 FindingRow = dict[str, Any]
 
 CHECKS = ("invoice_totals", "invoice_numbering", "double_billing", "period_tiling", "movement_mrr",
@@ -304,9 +306,9 @@ def _plain(value: Any) -> Any:
     if isinstance(value, str) and TIMESTAMP.match(value):
         value = datetime.fromisoformat(value)
     if isinstance(value, datetime):
-        return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat().replace("+00:00", "Z")
+        return iso(value if value.tzinfo else value.replace(tzinfo=UTC))  # stored instants are UTC
     return value
 
 
 def _month_label(month: int) -> str:
-    return f"{month // 12:04d}-{month % 12 + 1:02d}"
+    return month_start(month).strftime("%Y-%m")
