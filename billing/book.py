@@ -133,6 +133,7 @@ class Account:
     # or a coupon start of one of its subscriptions, so links never cross customers
     movement_tags: dict[Tag, list[int]] = field(default_factory=dict)
     line_tags: dict[Tag, list[LineRef]] = field(default_factory=dict)
+    next_invoice: int = 1  # its own series, with settings invoice_numbering.scope "customer"
 
 
 @dataclass
@@ -762,7 +763,7 @@ class Book:
         try:
             note = draft_credit_note(
                 invoice, ev.lines, earlier=self.credit_notes.values(),
-                number=f"CN-{self.next_credit_note:04d}", at=ev.at, reason=ev.reason,
+                number=self.settings.invoice_numbering.credit_note(self.next_credit_note), at=ev.at, reason=ev.reason,
                 tax_rate=acct.tax_rate, mode=self.settings.rounding)
         except CreditNoteError as exc:
             raise BookError(str(exc)) from None
@@ -1152,8 +1153,7 @@ class Book:
             lines = tuple(line for line, _ in pairs)
             amounts = totals(lines, acct.tax_rate, acct.credit, cur, mode)
             acct.credit += amounts.credit_change
-            number = f"INV-{self.next_invoice:04d}"
-            self.next_invoice += 1
+            number = self._invoice_number(acct)
             invoice = Invoice(
                 number=number, customer=acct.id, currency=cur, status=amounts.status,
                 issued_at=at, billing_date=draft.key, lines=lines,
@@ -1169,6 +1169,16 @@ class Book:
                     acct.line_tags.setdefault(tag, []).append(ref)
                     for movement_id in acct.movement_tags.get(tag, []):
                         self._out.links.append((movement_id, ref))
+
+    def _invoice_number(self, acct: Account) -> str:
+        """The next number of the invoice's series (settings `invoice_numbering`): the book's
+        counter, or the customer's own with `scope: customer`."""
+        numbering = self.settings.invoice_numbering
+        if numbering.scope == "customer":
+            acct.next_invoice += 1
+            return numbering.invoice(acct.next_invoice - 1, acct.id)
+        self.next_invoice += 1
+        return numbering.invoice(self.next_invoice - 1, acct.id)
 
     # -- read side -----------------------------------------------------------------------------
 

@@ -100,6 +100,38 @@ class FxRate(Model):
         return parse_instant(value).date()
 
 
+class InvoiceNumbering(Model):
+    """How invoice and credit note numbers are made (an extension of SCENARIOS.md's settings;
+    the defaults give `INV-0001` and `CN-0001`). `scope`: `book` is one gap-free series for every
+    customer (Stripe's account-level numbering, Lago's entity-wide); `customer` is one gap-free
+    series per customer, `INV-acme-0001` (Stripe's customer-level, Lago's per customer). Credit
+    notes are always one series for the book."""
+
+    prefix: str = "INV-"
+    credit_note_prefix: str = "CN-"
+    scope: Literal["book", "customer"] = "book"
+    digits: int = Field(default=4, ge=1, le=12)
+
+    @field_validator("prefix", "credit_note_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not 1 <= len(value) <= 20:
+            raise ValueError("a number prefix has 1 to 20 characters")
+        if not all(c.isascii() and (c.isalnum() or c in "-_/.#") for c in value):
+            raise ValueError(f"a number prefix uses letters, digits and - _ / . # only, not {value[:20]!r}")
+        if value[-1].isdigit():
+            raise ValueError(f"a number prefix cannot end with a digit ({value!r}): the number "
+                             "that follows would run into it")
+        return value
+
+    def invoice(self, value: int, customer: str) -> str:
+        middle = f"{customer}-" if self.scope == "customer" else ""
+        return f"{self.prefix}{middle}{value:0{self.digits}d}"
+
+    def credit_note(self, value: int) -> str:
+        return f"{self.credit_note_prefix}{value:0{self.digits}d}"
+
+
 class Settings(Model):
     proration: Literal["day", "second", "none"] = "day"
     proration_invoicing: Literal["next_invoice", "immediate"] = "next_invoice"
@@ -107,6 +139,7 @@ class Settings(Model):
     reporting_currency: str = "USD"
     usage_in_mrr: bool = True
     fx_rates: list[FxRate] = Field(default_factory=list)
+    invoice_numbering: InvoiceNumbering = Field(default_factory=InvoiceNumbering)
 
     @field_validator("reporting_currency")
     @classmethod

@@ -165,10 +165,12 @@ def renumber(book: Book, outcome: Outcome, real: Counters) -> Outcome:
     outcome, the invoices and links in the book, the customers' link tags and pending lines. The
     book's counters become the real ones."""
 
+    numbering = book.settings.invoice_numbering
+
     def invoice_no(number: str) -> str:
-        prefix, _, digits = number.rpartition("-")
-        if digits.isdigit() and int(digits) >= PROVISIONAL:
-            return f"{prefix}-{int(digits) - PROVISIONAL + real.invoice:04d}"
+        digits = number[len(numbering.prefix):]
+        if number.startswith(numbering.prefix) and digits.isdigit() and int(digits) >= PROVISIONAL:
+            return numbering.invoice(int(digits) - PROVISIONAL + real.invoice, "")
         return number
 
     def movement_id(value: int) -> int:
