@@ -32,7 +32,7 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Any, Literal
 
-from billing.catalog import AddOn, Catalog, Plan, Priced, price_quantity
+from billing.catalog import AddOn, Catalog, CatalogIndex, Plan, Priced
 from billing.credit_notes import CreditNoteError, draft_credit_note
 from billing.discounts import Coupon, Tag, covers, discount_lines
 from billing.fx import MissingRate, rate_at
@@ -50,12 +50,14 @@ from billing.periods import (
     monthly_factor,
     second_fraction,
 )
-from billing.proration import describe, item_of, proration_lines, shown_quantity
+from billing.proration import describe, proration_lines, shown_quantity
 from billing.records import (
     Churn,
     Contraction,
+    ContractionSubtype,
     CreditNote,
     Expansion,
+    ExpansionSubtype,
     Invoice,
     InvoiceLine,
     InvoiceStatus,
@@ -194,6 +196,7 @@ class Book:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state.pop("_usage_source", None)  # usage events live in their source, never in a snapshot
+        state.pop("_catalog_index", None)  # derived from the catalog
         return state
 
     @property
@@ -204,6 +207,14 @@ class Book:
         if source is None:
             source = self.__dict__["_usage_source"] = MemoryUsage()
         return source
+
+    @property
+    def _cat(self) -> CatalogIndex:
+        """The catalog's lookups and memoized prices (never pickled; rebuilt for a new catalog)."""
+        index: CatalogIndex | None = self.__dict__.get("_catalog_index")
+        if index is None or index.catalog is not self.catalog:
+            index = self.__dict__["_catalog_index"] = CatalogIndex(self.catalog)
+        return index
 
     def use_usage_source(self, source: UsageSource) -> None:
         self.__dict__["_usage_source"] = source
@@ -359,7 +370,7 @@ class Book:
         return addon
 
     def _item(self, kind: str, code: str) -> Priced:
-        return item_of(self.catalog, kind, code)
+        return self._cat.item(kind, code)
 
     @property
     def _policy(self) -> Literal["day", "second", "none"]:
@@ -783,7 +794,7 @@ class Book:
         return cid
 
     def _metrics_of(self, sub: Subscription) -> list[str]:
-        return [m.code for m in self.catalog.plan_metrics(self.catalog.plan(sub.items.plan))]
+        return [m.code for m in self._cat.plan_metrics(sub.items.plan)]
 
     # -- transitions ---------------------------------------------------------------------------
 
@@ -845,7 +856,7 @@ class Book:
 
     def _stage_relevant(self, sub: Subscription, b: datetime, stage: int) -> bool:
         if stage == 0:
-            return sub.usage_open is not None and bool(self._metrics_of(sub))
+            return sub.usage_open is not None and bool(self._cat.plan_metrics(sub.items.plan))
         if stage == 1:
             return bool(sub.scheduled) or sub.cancel_at_period_end
         if stage == 3:
@@ -925,7 +936,7 @@ class Book:
             window = coupon.windows.get(sub.id)
             if coupon.percent is not None and window is not None and covers(window, period.start):
                 amount *= 1 - coupon.percent
-        plan = self.catalog.plan(period.plan)
+        plan = self._cat.plan(period.plan)
         sub.usage_mrr = amount * monthly_factor(plan.interval, plan.interval_count)
         self._emit(acct, at, "usage", sub, [("use", sub.id, _k(at))])
 
@@ -936,10 +947,10 @@ class Book:
         coupons, plus the usage part; nothing while trialing or after it ended."""
         if sub.status != "active":
             return Fraction(0)
-        plan = self.catalog.plan(sub.items.plan)
+        plan = self._cat.plan(sub.items.plan)
         base = Fraction(0)
         for kind, code, qty in sub.items.priced():
-            base += price_quantity(self._item(kind, code), Fraction(qty), currency)
+            base += self._cat.price(kind, code, currency, qty)
         for cid in sub.active_coupons:
             coupon = self.coupons[cid]
             if coupon.percent is not None:
@@ -965,7 +976,7 @@ class Book:
             sub = self.subscriptions[sub_id]
             amount = self._subscription_mrr(sub, acct.currency)
             if amount:
-                plan = self.catalog.plan(sub.items.plan)
+                plan = self._cat.plan(sub.items.plan)
                 exact[(sub.id, plan.code, plan.product)] = amount
         total = round_money(sum(exact.values(), Fraction(0)), acct.currency, mode)
         levels = {key: round_money(amount, acct.currency, mode) for key, amount in exact.items()}
@@ -990,7 +1001,8 @@ class Book:
         if residue and changes:
             largest = max(range(len(changes)), key=lambda i: abs(changes[i][1]))
             converted[largest] += residue
-        return tuple(Leg(subscription=key[0], plan=key[1], product=key[2], delta=change, reporting_delta=conv)
+        return tuple(Leg.model_construct(subscription=key[0], plan=key[1], product=key[2], delta=change,
+                                         reporting_delta=conv)
                      for (key, change), conv in zip(changes, converted, strict=True))
 
     def _emit(self, acct: Account, at: datetime, cause: str, sub: Subscription | None, tags: list[Tag]) -> None:
@@ -1006,19 +1018,20 @@ class Book:
         rate = self.fx_rate(acct.currency, at)
         reporting = round_money(Fraction(delta) * rate, rep, self.settings.rounding)
         legs = self._legs(acct.legs, levels, reporting, rate)
-        common = dict(id=self.next_movement, at=at, customer=acct.id,
-                      subscription=sub.id if sub is not None else None, currency=acct.currency,
-                      mrr_before=before, mrr_after=after, delta=delta, reporting_currency=rep,
-                      reporting_delta=reporting, cause=cause, event_index=self._index, legs=legs)
+        # records built on the hot path from the book's own checked state skip validation
+        common: dict[str, Any] = dict(
+            id=self.next_movement, at=at, customer=acct.id, subscription=sub.id if sub is not None else None,
+            currency=acct.currency, mrr_before=before, mrr_after=after, delta=delta, reporting_currency=rep,
+            reporting_delta=reporting, cause=cause, event_index=self._index, legs=legs)
         movement: MrrMovement
         if before == 0:
-            movement = Reactivation(**common) if acct.had_mrr else New(**common)
+            movement = Reactivation.model_construct(**common) if acct.had_mrr else New.model_construct(**common)
         elif after == 0:
-            movement = Churn(**common)
+            movement = Churn.model_construct(**common)
         elif after > before:
-            movement = Expansion(subtype=_EXPANSION_SUBTYPE.get(cause, "cross_sell"), **common)
+            movement = Expansion.model_construct(subtype=_EXPANSION_SUBTYPE.get(cause, "cross_sell"), **common)
         else:
-            movement = Contraction(subtype=_CONTRACTION_SUBTYPE.get(cause, "cancel"), **common)
+            movement = Contraction.model_construct(subtype=_CONTRACTION_SUBTYPE.get(cause, "cancel"), **common)
         self.next_movement += 1
         acct.mrr = after
         acct.legs = levels
@@ -1101,9 +1114,9 @@ class Book:
         lines = []
         for kind, code, qty in lp.items.priced():
             item = self._item(kind, code)
-            amount = round_money(price_quantity(item, Fraction(qty), acct.currency) * share,
+            amount = round_money(self._cat.price(kind, code, acct.currency, qty) * share,
                                  acct.currency, self.settings.rounding)
-            lines.append(InvoiceLine(
+            lines.append(InvoiceLine.model_construct(
                 kind="plan" if kind == "plan" else "addon",
                 description=describe(item, qty),
                 subscription=sub.id,
@@ -1116,12 +1129,11 @@ class Book:
         return lines
 
     def _usage_lines(self, sub: Subscription, acct: Account, up: UsagePeriod) -> list[InvoiceLine]:
-        plan = self.catalog.plan(up.plan)
         lines = []
-        for metric in self.catalog.plan_metrics(plan):
+        for metric in self._cat.plan_metrics(up.plan):
             quantity = self.usage.aggregate(sub.id, metric, up.start, up.end, held_until=up.full_end)
             amount = round_money(rate(metric, quantity, acct.currency), acct.currency, self.settings.rounding)
-            lines.append(InvoiceLine(
+            lines.append(InvoiceLine.model_construct(
                 kind="usage",
                 description=f"{metric.name or metric.code} (aggregate {metric.aggregation}, "
                             f"{_plain(metric.included)} included)",
@@ -1154,7 +1166,7 @@ class Book:
             acct.credit += amounts.credit_change
             number = f"INV-{self.next_invoice:04d}"
             self.next_invoice += 1
-            invoice = Invoice(
+            invoice = Invoice.model_construct(
                 number=number, customer=acct.id, currency=cur, status=amounts.status,
                 issued_at=at, billing_date=draft.key, lines=lines,
                 subtotal=amounts.subtotal, discount=amounts.discount, tax=amounts.tax, total=amounts.total,
@@ -1164,7 +1176,7 @@ class Book:
             self.invoice_order.append(number)
             self._out.issued.append(invoice)
             for index, (_, tags) in enumerate(pairs):
-                ref = LineRef(invoice=number, line=index)
+                ref = LineRef.model_construct(invoice=number, line=index)
                 for tag in tags:
                     acct.line_tags.setdefault(tag, []).append(ref)
                     for movement_id in acct.movement_tags.get(tag, []):
@@ -1207,7 +1219,7 @@ class Book:
         return movement_id
 
 
-_EXPANSION_SUBTYPE: dict[str, str] = {
+_EXPANSION_SUBTYPE: dict[str, ExpansionSubtype] = {
     "change_quantity": "seat",
     "change_plan": "upgrade",
     "add_addon": "add_on",
@@ -1218,7 +1230,7 @@ _EXPANSION_SUBTYPE: dict[str, str] = {
     "reactivate": "cross_sell",
     "discount_end": "discount_end",
 }
-_CONTRACTION_SUBTYPE: dict[str, str] = {
+_CONTRACTION_SUBTYPE: dict[str, ContractionSubtype] = {
     "change_quantity": "seat",
     "change_plan": "downgrade",
     "add_addon": "add_on",

@@ -226,3 +226,42 @@ def price_quantity(item: Priced, quantity: Fraction, currency: str) -> Fraction:
                 )
         raise AssertionError("volume tiers end with up_to null")
     raise ValueError(f"unknown pricing {item.pricing!r}")
+
+
+class CatalogIndex:
+    """Lookups by code and exact prices of one catalog, memoized: a catalog is frozen, so a code
+    always names the same item and `price` is a pure function of (kind, code, currency, quantity).
+    Unknown codes raise the catalog's own KeyError."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self._plans = {plan.code: plan for plan in catalog.plans}
+        self._addons = {addon.code: addon for addon in catalog.addons}
+        self._plan_metrics: dict[str, tuple[Metric, ...]] = {}
+        self._prices: dict[tuple[str, str, str, int], Fraction] = {}
+
+    def plan(self, code: str) -> Plan:
+        plan = self._plans.get(code)
+        return plan if plan is not None else self.catalog.plan(code)
+
+    def item(self, kind: str, code: str) -> Priced:
+        """A plan (`kind` "plan") or an add-on."""
+        if kind == "plan":
+            return self.plan(code)
+        addon = self._addons.get(code)
+        return addon if addon is not None else self.catalog.addon(code)
+
+    def plan_metrics(self, code: str) -> tuple[Metric, ...]:
+        """`Catalog.plan_metrics` of the plan `code`."""
+        metrics = self._plan_metrics.get(code)
+        if metrics is None:
+            metrics = self._plan_metrics[code] = tuple(self.catalog.plan_metrics(self.plan(code)))
+        return metrics
+
+    def price(self, kind: str, code: str, currency: str, quantity: int) -> Fraction:
+        """`price_quantity` of `quantity` whole units of the item."""
+        key = (kind, code, currency, quantity)
+        amount = self._prices.get(key)
+        if amount is None:
+            amount = self._prices[key] = price_quantity(self.item(kind, code), Fraction(quantity), currency)
+        return amount

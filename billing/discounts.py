@@ -77,6 +77,8 @@ def discount_lines(
     """The discount lines for an invoice's `lines` (`coverage` maps id(line) to the start of the
     period it belongs to). Marks `once` coupons used when they took something."""
     out: list[tuple[InvoiceLine, list[Tag]]] = []
+    if not coupons:
+        return out
     remaining = {id(line): Fraction(line.amount) for line in lines}
     for coupon in coupons:
         covered = [line for line in lines if line.subscription is not None
@@ -114,7 +116,7 @@ def discount_lines(
                 tag = ("cpn", str(coupon.id), line.subscription, start.isoformat())
                 if tag not in tags:
                     tags.append(tag)
-        out.append((InvoiceLine(
+        out.append((InvoiceLine.model_construct(
             kind="discount", description=f"Discount: {coupon.label()}", subscription=coupon.subscription,
             quantity=None, unit_amount=None, amount=amount, period_start=None, period_end=None), tags))
     return out

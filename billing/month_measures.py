@@ -40,7 +40,7 @@ from fractions import Fraction
 from functools import cache
 
 from billing.fx import MissingRate, rate_at
-from billing.money import minor_units, round_to_places
+from billing.money import minor_units, round_quotient
 from billing.periods import month_start
 from billing.scenario import Settings
 
@@ -95,7 +95,7 @@ class Conversion:
             if not self.strict:
                 return 0
             raise MissingRate(f"no fx rate for {currency} in {self.reporting} in month {month}")
-        return int(round_to_places(amount * factor, 0, self.settings.rounding))
+        return round_quotient(amount * factor.numerator, factor.denominator, self.settings.rounding)
 
 
 def _measures(currency: str, cohort: int | None) -> tuple[str, ...]:
