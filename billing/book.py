@@ -197,6 +197,7 @@ class Book:
         state = dict(self.__dict__)
         state.pop("_usage_source", None)  # usage events live in their source, never in a snapshot
         state.pop("_catalog_index", None)  # derived from the catalog
+        state.pop("_rated", None)  # usage lines rated during one command
         return state
 
     @property
@@ -218,6 +219,7 @@ class Book:
 
     def use_usage_source(self, source: UsageSource) -> None:
         self.__dict__["_usage_source"] = source
+        self.__dict__["_rated"] = {}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # a snapshot saved before credit notes existed has no credit note series yet
@@ -592,6 +594,7 @@ class Book:
         # a repeated id is ignored by the source, never billed twice
         self.usage.record(ev.subscription, self.catalog.metric(ev.metric),
                           UsageRecord(ev.at, ev.metric, ev.value, ev.id, dict(ev.properties)))
+        self.__dict__["_rated"] = {}
 
     def usage_window(self, sub_id: str, metric_code: str) -> UsageWindow:
         """When `sub_id` accepts events of `metric_code` (billing.usage.UsageWindow); BookError
@@ -849,10 +852,18 @@ class Book:
         if sub.status != "active" or sub.current is None:
             return None
         b = sub.current.end
-        for stage in range(sub.stage + 1, 6):
+        first = sub.stage + 1
+        if first > 5:
+            return None
+        # stages 0 and 1 inline (the common case); stage 5, the new period, always comes
+        if first == 0 and sub.usage_open is not None and self._cat.plan_metrics(sub.items.plan):
+            return (b, 0, sub.order)
+        if first <= 1 and (sub.scheduled or sub.cancel_at_period_end):
+            return (b, 1, sub.order)
+        for stage in range(max(first, 2), 5):
             if self._stage_relevant(sub, b, stage):
                 return (b, stage, sub.order)
-        return None
+        return (b, 5, sub.order)
 
     def _stage_relevant(self, sub: Subscription, b: datetime, stage: int) -> bool:
         if stage == 0:
@@ -862,6 +873,8 @@ class Book:
         if stage == 3:
             return any(self.coupons[c].windows.get(sub.id, (b, None))[1] == b for c in sub.active_coupons)
         if stage == 4:
+            if not self.accounts[sub.customer].coupons:
+                return False
             return any(c.recurring and c.id not in sub.active_coupons and c.windows.get(sub.id, (None,))[0] == b
                        for c in self._coupons_of(sub))
         return stage == 5
@@ -1001,7 +1014,7 @@ class Book:
         if residue and changes:
             largest = max(range(len(changes)), key=lambda i: abs(changes[i][1]))
             converted[largest] += residue
-        return tuple(Leg.model_construct(subscription=key[0], plan=key[1], product=key[2], delta=change,
+        return tuple(Leg(subscription=key[0], plan=key[1], product=key[2], delta=change,
                                          reporting_delta=conv)
                      for (key, change), conv in zip(changes, converted, strict=True))
 
@@ -1018,20 +1031,19 @@ class Book:
         rate = self.fx_rate(acct.currency, at)
         reporting = round_money(Fraction(delta) * rate, rep, self.settings.rounding)
         legs = self._legs(acct.legs, levels, reporting, rate)
-        # records built on the hot path from the book's own checked state skip validation
         common: dict[str, Any] = dict(
             id=self.next_movement, at=at, customer=acct.id, subscription=sub.id if sub is not None else None,
             currency=acct.currency, mrr_before=before, mrr_after=after, delta=delta, reporting_currency=rep,
             reporting_delta=reporting, cause=cause, event_index=self._index, legs=legs)
         movement: MrrMovement
         if before == 0:
-            movement = Reactivation.model_construct(**common) if acct.had_mrr else New.model_construct(**common)
+            movement = Reactivation(**common) if acct.had_mrr else New(**common)
         elif after == 0:
-            movement = Churn.model_construct(**common)
+            movement = Churn(**common)
         elif after > before:
-            movement = Expansion.model_construct(subtype=_EXPANSION_SUBTYPE.get(cause, "cross_sell"), **common)
+            movement = Expansion(subtype=_EXPANSION_SUBTYPE.get(cause, "cross_sell"), **common)
         else:
-            movement = Contraction.model_construct(subtype=_CONTRACTION_SUBTYPE.get(cause, "cancel"), **common)
+            movement = Contraction(subtype=_CONTRACTION_SUBTYPE.get(cause, "cancel"), **common)
         self.next_movement += 1
         acct.mrr = after
         acct.legs = levels
@@ -1116,7 +1128,7 @@ class Book:
             item = self._item(kind, code)
             amount = round_money(self._cat.price(kind, code, acct.currency, qty) * share,
                                  acct.currency, self.settings.rounding)
-            lines.append(InvoiceLine.model_construct(
+            lines.append(InvoiceLine(
                 kind="plan" if kind == "plan" else "addon",
                 description=describe(item, qty),
                 subscription=sub.id,
@@ -1129,11 +1141,21 @@ class Book:
         return lines
 
     def _usage_lines(self, sub: Subscription, acct: Account, up: UsagePeriod) -> list[InvoiceLine]:
+        """The usage lines of a closed period. Rated once per command (a run closes a period and
+        bills it): the memo is emptied whenever usage is recorded or the source changes."""
+        rated: dict[tuple[Any, ...], list[InvoiceLine]] = self.__dict__.setdefault("_rated", {})
+        key = (sub.id, up.start, up.end, up.full_end, up.plan, acct.currency)
+        lines = rated.get(key)
+        if lines is None:
+            lines = rated[key] = self._rate_usage(sub, acct, up)
+        return list(lines)
+
+    def _rate_usage(self, sub: Subscription, acct: Account, up: UsagePeriod) -> list[InvoiceLine]:
         lines = []
         for metric in self._cat.plan_metrics(up.plan):
             quantity = self.usage.aggregate(sub.id, metric, up.start, up.end, held_until=up.full_end)
             amount = round_money(rate(metric, quantity, acct.currency), acct.currency, self.settings.rounding)
-            lines.append(InvoiceLine.model_construct(
+            lines.append(InvoiceLine(
                 kind="usage",
                 description=f"{metric.name or metric.code} (aggregate {metric.aggregation}, "
                             f"{_plain(metric.included)} included)",
@@ -1166,7 +1188,7 @@ class Book:
             acct.credit += amounts.credit_change
             number = f"INV-{self.next_invoice:04d}"
             self.next_invoice += 1
-            invoice = Invoice.model_construct(
+            invoice = Invoice(
                 number=number, customer=acct.id, currency=cur, status=amounts.status,
                 issued_at=at, billing_date=draft.key, lines=lines,
                 subtotal=amounts.subtotal, discount=amounts.discount, tax=amounts.tax, total=amounts.total,
@@ -1176,7 +1198,7 @@ class Book:
             self.invoice_order.append(number)
             self._out.issued.append(invoice)
             for index, (_, tags) in enumerate(pairs):
-                ref = LineRef.model_construct(invoice=number, line=index)
+                ref = LineRef(invoice=number, line=index)
                 for tag in tags:
                     acct.line_tags.setdefault(tag, []).append(ref)
                     for movement_id in acct.movement_tags.get(tag, []):

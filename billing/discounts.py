@@ -116,7 +116,7 @@ def discount_lines(
                 tag = ("cpn", str(coupon.id), line.subscription, start.isoformat())
                 if tag not in tags:
                     tags.append(tag)
-        out.append((InvoiceLine.model_construct(
+        out.append((InvoiceLine(
             kind="discount", description=f"Discount: {coupon.label()}", subscription=coupon.subscription,
             quantity=None, unit_amount=None, amount=amount, period_start=None, period_end=None), tags))
     return out

@@ -62,7 +62,7 @@ def proration_lines(
                 continue
             full = price_quantity(item, Fraction(qty), currency)
             what = "Unused time on" if sign < 0 else "Remaining time on"
-            lines.append(InvoiceLine.model_construct(
+            lines.append(InvoiceLine(
                 kind="proration",
                 description=f"{what} {describe(item, qty)}",
                 subscription=subscription,
