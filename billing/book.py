@@ -815,7 +815,10 @@ class Book:
             if self._next_transition(sub) != (at, stage, order):
                 continue
             self._transition(sub, at, stage)
-            self._queue_customer(sub.customer)
+            if self.accounts[sub.customer].coupons:
+                self._queue_customer(sub.customer)
+            else:  # only a customer coupon links one subscription's transitions to another's
+                self._queue(sub)
 
     def _queue(self, sub: Subscription) -> None:
         nxt = self._next_transition(sub)
@@ -960,18 +963,25 @@ class Book:
         coupons, plus the usage part; nothing while trialing or after it ended."""
         if sub.status != "active":
             return Fraction(0)
-        plan = self._cat.plan(sub.items.plan)
-        base = Fraction(0)
-        for kind, code, qty in sub.items.priced():
-            base += self._cat.price(kind, code, currency, qty)
-        for cid in sub.active_coupons:
-            coupon = self.coupons[cid]
-            if coupon.percent is not None:
-                base -= base * coupon.percent
-            elif coupon.amount is not None:
-                base -= min(Fraction(coupon.amount), base)
-        recurring = base * monthly_factor(plan.interval, plan.interval_count)
-        return recurring + (sub.usage_mrr if self.settings.usage_in_mrr else Fraction(0))
+        items = sub.items
+        terms = tuple((c.percent, c.amount) for c in map(self.coupons.__getitem__, sub.active_coupons))
+        key = (currency, items.plan, items.quantity, tuple(items.addons.items()), terms)
+        cat = self._cat
+        recurring = cat.recurring.get(key)
+        if recurring is None:
+            plan = cat.plan(items.plan)
+            base = Fraction(0)
+            for kind, code, qty in items.priced():
+                base += cat.price(kind, code, currency, qty)
+            for percent, amount in terms:
+                if percent is not None:
+                    base -= base * percent
+                elif amount is not None:
+                    base -= min(Fraction(amount), base)
+            recurring = cat.recurring[key] = base * monthly_factor(plan.interval, plan.interval_count)
+        if sub.usage_mrr and self.settings.usage_in_mrr:
+            return recurring + sub.usage_mrr
+        return recurring
 
     def customer_mrr(self, customer: str) -> Decimal:
         acct = self.accounts[customer]
@@ -984,13 +994,18 @@ class Book:
         rounded on its own, the residue that makes the parts sum to the rounded total given to
         the largest part (the first of equals, in subscription order)."""
         mode = self.settings.rounding
+        cat = self._cat
         exact: dict[LegKey, Fraction] = {}
         for sub_id in acct.subscriptions:
             sub = self.subscriptions[sub_id]
             amount = self._subscription_mrr(sub, acct.currency)
             if amount:
-                plan = self._cat.plan(sub.items.plan)
+                plan = cat.plan(sub.items.plan)
                 exact[(sub.id, plan.code, plan.product)] = amount
+        if len(exact) == 1:  # one part: it is the total, rounded the same way
+            (key, amount), = exact.items()
+            total = round_money(amount, acct.currency, mode)
+            return total, ({key: total} if total else {})
         total = round_money(sum(exact.values(), Fraction(0)), acct.currency, mode)
         levels = {key: round_money(amount, acct.currency, mode) for key, amount in exact.items()}
         residue = total - sum(levels.values(), Decimal(0))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 from fractions import Fraction
+from functools import lru_cache
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -194,13 +195,13 @@ def price_quantity(item: Priced, quantity: Fraction, currency: str) -> Fraction:
     if quantity < 0:
         raise ValueError("quantity must not be negative")
     if item.pricing == "flat":
-        return Fraction(item.prices[currency])
+        return exact(item.prices[currency])
     if item.pricing == "per_unit":
-        return Fraction(item.prices[currency]) * quantity
+        return exact(item.prices[currency]) * quantity
     if item.pricing == "package":
         size = item.package_size or 1
         blocks = -((-quantity) // size)  # ceiling: per started block
-        return Fraction(item.prices[currency]) * blocks
+        return exact(item.prices[currency]) * blocks
     if item.pricing == "tiered":
         total = Fraction(0)
         lower = Fraction(0)
@@ -210,8 +211,8 @@ def price_quantity(item: Priced, quantity: Fraction, currency: str) -> Fraction:
                 break
             units = quantity - lower if upper is None else min(quantity, upper) - lower
             if units > 0:
-                total += units * Fraction(tier.unit_amount[currency])
-                total += Fraction(tier.flat_amount.get(currency, Decimal(0)))
+                total += units * exact(tier.unit_amount[currency])
+                total += exact(tier.flat_amount.get(currency, Decimal(0)))
             if upper is None:
                 break
             lower = upper
@@ -221,11 +222,17 @@ def price_quantity(item: Priced, quantity: Fraction, currency: str) -> Fraction:
             return Fraction(0)
         for tier in item.tiers:
             if tier.up_to is None or quantity <= tier.up_to:
-                return quantity * Fraction(tier.unit_amount[currency]) + Fraction(
+                return quantity * exact(tier.unit_amount[currency]) + exact(
                     tier.flat_amount.get(currency, Decimal(0))
                 )
         raise AssertionError("volume tiers end with up_to null")
     raise ValueError(f"unknown pricing {item.pricing!r}")
+
+
+@lru_cache(maxsize=4096)
+def exact(amount: Decimal) -> Fraction:
+    """A catalog amount as a Fraction (memoized: a catalog holds few distinct amounts)."""
+    return Fraction(amount)
 
 
 class CatalogIndex:
@@ -239,6 +246,9 @@ class CatalogIndex:
         self._addons = {addon.code: addon for addon in catalog.addons}
         self._plan_metrics: dict[str, tuple[Metric, ...]] = {}
         self._prices: dict[tuple[str, str, str, int], Fraction] = {}
+        # the book's memo of a subscription's recurring monthly amount, by (currency, plan,
+        # quantity, add-ons, coupon terms): a pure function of those and this catalog
+        self.recurring: dict[tuple[object, ...], Fraction] = {}
 
     def plan(self, code: str) -> Plan:
         plan = self._plans.get(code)

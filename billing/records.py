@@ -45,14 +45,15 @@ class Record(BaseModel):
         """Pickle as the field values in declaration order plus a bit mask of the fields left
         unset: the state pydantic pickles, without a dict and a set per record (customer parts
         hold many records). Pickles in pydantic's own form still load."""
-        names = _field_names(type(self))
+        cls = type(self)
+        names = _field_names(cls)
         fields_set = self.__pydantic_fields_set__
         unset = 0
-        for bit, name in enumerate(names):
-            if name not in fields_set:
-                unset |= 1 << bit
-        values = self.__dict__
-        return (_restore_record, (type(self), tuple(values[name] for name in names), unset))
+        if len(fields_set) != len(names):
+            for bit, name in enumerate(names):
+                if name not in fields_set:
+                    unset |= 1 << bit
+        return (_restore_record, (cls, tuple(map(self.__dict__.__getitem__, names)), unset))
 
 
 @cache
@@ -66,12 +67,16 @@ def _fields_set(cls: type[Record], unset: int) -> frozenset[str]:
 
 
 def _restore_record(cls: type[Record], values: tuple[Any, ...], unset: int) -> Record:
-    """A record from `Record.__reduce__`'s state, set as pydantic's own unpickling sets it."""
+    """A record from `Record.__reduce__`'s state, set as pydantic's own `__setstate__` sets it."""
     record = cls.__new__(cls)
-    record.__setstate__({"__dict__": dict(zip(_field_names(cls), values, strict=True)),
-                         "__pydantic_fields_set__": set(_fields_set(cls, unset)),
-                         "__pydantic_extra__": None, "__pydantic_private__": None})
+    _set(record, "__dict__", dict(zip(_field_names(cls), values, strict=True)))
+    _set(record, "__pydantic_fields_set__", set(_fields_set(cls, unset)))
+    _set(record, "__pydantic_extra__", None)
+    _set(record, "__pydantic_private__", None)
     return record
+
+
+_set = object.__setattr__
 
 
 class InvoiceLine(Record):
