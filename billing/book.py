@@ -93,6 +93,10 @@ from billing.usage import MemoryUsage, UsageRecord, UsageSource, UsageWindow, mi
 LegKey = tuple[str, str, str]
 """(subscription, plan, product): the finest segment a movement's legs are recorded on."""
 
+Archived = tuple[tuple[str, ...], bytes]
+"""Invoices kept pickled until something reads them: their numbers and the pickle of the tuple of
+them, in issue order (billing.shards keeps a customer's past invoices so)."""
+
 
 class BookError(ValueError):
     """A command the book cannot accept; the message names the event and the field."""
@@ -169,8 +173,10 @@ class Book:
         self.accounts: dict[str, Account] = {}
         self.subscriptions: dict[str, Subscription] = {}
         self.coupons: dict[int, Coupon] = {}
-        self.invoices: dict[str, Invoice] = {}
+        self.invoices: dict[str, Invoice] = {}  # what is not archived (see `archive_invoices`)
         self.invoice_order: list[str] = []
+        self._archive: dict[str, list[Archived]] = {}  # customer -> its archived invoices
+        self._archived: dict[str, str] = {}  # archived invoice number -> customer
         self.credit_notes: dict[str, CreditNote] = {}  # by number, in issue order
         self.clock: datetime | None = None
         self.next_invoice = 1
@@ -194,7 +200,10 @@ class Book:
         return pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
 
     def __getstate__(self) -> dict[str, Any]:
+        self._unarchive_all()  # a snapshot of the whole book holds every invoice as before
         state = dict(self.__dict__)
+        state.pop("_archive", None)
+        state.pop("_archived", None)
         state.pop("_usage_source", None)  # usage events live in their source, never in a snapshot
         state.pop("_catalog_index", None)  # derived from the catalog
         state.pop("_rated", None)  # usage lines rated during one command
@@ -226,6 +235,8 @@ class Book:
         state.setdefault("credit_notes", {})
         state.setdefault("next_credit_note", 1)
         state.setdefault("next_customer_order", len(state["accounts"]))
+        state.setdefault("_archive", {})
+        state.setdefault("_archived", {})
         state.setdefault("next_subscription_order", len(state["subscriptions"]))
         movement_tags = state.pop("movement_tags", None)
         line_tags = state.pop("line_tags", None)
@@ -244,6 +255,7 @@ class Book:
         """A snapshot saved when the link tags were the whole book's: give each customer its own.
         A period, usage or coupon tag names a subscription; a change tag belongs to the customer
         whose lines carry it (a change that wrote no line can no longer link to anything)."""
+        self._unarchive_all()
         for acct in self.accounts.values():
             acct.__dict__.setdefault("movement_tags", {})
             acct.__dict__.setdefault("line_tags", {})
@@ -786,6 +798,8 @@ class Book:
         self._out.credit_notes.append(note)
 
     def _invoice(self, number: str) -> Invoice:
+        if number in self._archived:
+            self._unarchive(self._archived[number])
         try:
             return self.invoices[number]
         except KeyError:
@@ -1240,7 +1254,39 @@ class Book:
         return min(times, default=None)
 
     def issued_invoices(self) -> list[Invoice]:
+        self._unarchive_all()
         return [self.invoices[n] for n in self.invoice_order]
+
+    # -- archived invoices ---------------------------------------------------------------------
+
+    def archive_invoices(self, customer: str, archived: list[Archived]) -> None:
+        """Take a customer's past invoices still pickled (billing.shards): they are numbered in
+        `invoice_order` now and decoded only when a command or a reader needs one. Call before
+        the customer's decoded invoices are added (the archived ones were issued first)."""
+        if not archived:
+            return
+        self._archive.setdefault(customer, []).extend(archived)
+        for numbers, _ in archived:
+            self.invoice_order.extend(numbers)
+            self._archived.update(dict.fromkeys(numbers, customer))
+
+    def archived_invoices(self, customer: str) -> list[Archived]:
+        """The customer's invoices that are still archived (nothing has read them)."""
+        return self._archive.get(customer, [])
+
+    def is_archived(self, number: str) -> bool:
+        return number in self._archived
+
+    def _unarchive(self, customer: str) -> None:
+        for numbers, data in self._archive.pop(customer, []):
+            invoices = pickle.loads(data)  # noqa: S301 - our own snapshot from our own database
+            for number, invoice in zip(numbers, invoices, strict=True):
+                self.invoices[number] = invoice
+                del self._archived[number]
+
+    def _unarchive_all(self) -> None:
+        for customer in list(self.__dict__.get("_archive", ())):
+            self._unarchive(customer)
 
     def issued_credit_notes(self) -> list[CreditNote]:
         return list(self.credit_notes.values())
