@@ -93,6 +93,10 @@ from billing.usage import MemoryUsage, UsageRecord, UsageSource, UsageWindow, mi
 LegKey = tuple[str, str, str]
 """(subscription, plan, product): the finest segment a movement's legs are recorded on."""
 
+LineAt = tuple[str, int]
+"""(invoice number, line index): an invoice line a tag links to (a plain tuple: a part holds one
+per billed line, and tuples pickle far cheaper than records)."""
+
 Archived = tuple[tuple[str, ...], bytes]
 """Invoices kept pickled until something reads them: their numbers and the pickle of the tuple of
 them, in issue order (billing.shards keeps a customer's past invoices so)."""
@@ -138,7 +142,14 @@ class Account:
     # what links this customer's movements to its invoice lines: a tag names a period, a change
     # or a coupon start of one of its subscriptions, so links never cross customers
     movement_tags: dict[Tag, list[int]] = field(default_factory=dict)
-    line_tags: dict[Tag, list[LineRef]] = field(default_factory=dict)
+    line_tags: dict[Tag, list[LineAt]] = field(default_factory=dict)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        line_tags = state.get("line_tags")
+        if line_tags and any(isinstance(at, LineRef) for ats in line_tags.values() for at in ats):
+            # saved when the lines were LineRef records
+            state["line_tags"] = {tag: [_line_at(at) for at in ats] for tag, ats in line_tags.items()}
+        self.__dict__.update(state)
 
 
 @dataclass
@@ -264,7 +275,7 @@ class Book:
             for ref in refs:
                 customer = self.invoices[ref.invoice].customer
                 owners.setdefault(tag, set()).add(customer)
-                self.accounts[customer].line_tags.setdefault(tag, []).append(ref)
+                self.accounts[customer].line_tags.setdefault(tag, []).append((ref.invoice, ref.line))
         for acct in self.accounts.values():
             for pending in acct.pending:
                 for tag in pending.tags:
@@ -1081,8 +1092,8 @@ class Book:
         self._out.movements.append(movement)
         for tag in tags:
             acct.movement_tags.setdefault(tag, []).append(movement.id)
-            for ref in acct.line_tags.get(tag, []):
-                self._out.links.append((movement.id, ref))
+            for number, line in acct.line_tags.get(tag, []):
+                self._out.links.append((movement.id, LineRef(invoice=number, line=line)))
 
     def fx_rate(self, currency: str, at: datetime) -> Fraction:
         """Value of one unit of `currency` in the reporting currency at `at` (billing.fx)."""
@@ -1227,10 +1238,11 @@ class Book:
             self.invoice_order.append(number)
             self._out.issued.append(invoice)
             for index, (_, tags) in enumerate(pairs):
-                ref = LineRef(invoice=number, line=index)
+                ref: LineRef | None = None
                 for tag in tags:
-                    acct.line_tags.setdefault(tag, []).append(ref)
+                    acct.line_tags.setdefault(tag, []).append((number, index))
                     for movement_id in acct.movement_tags.get(tag, []):
+                        ref = ref or LineRef(invoice=number, line=index)
                         self._out.links.append((movement_id, ref))
 
     # -- read side -----------------------------------------------------------------------------
@@ -1328,6 +1340,10 @@ LINE_KINDS: tuple[LineKind, ...] = ("plan", "addon", "usage", "proration", "disc
 
 def _k(instant: datetime) -> str:
     return instant.isoformat()
+
+
+def _line_at(at: LineRef | LineAt) -> LineAt:
+    return (at.invoice, at.line) if isinstance(at, LineRef) else at
 
 
 def _where(index: int | None, kind: str) -> str:

@@ -218,7 +218,7 @@ def renumber(book: Book, outcome: Outcome, real: Counters) -> Outcome:
         book.invoice_order = [renamed[n].number if n in renamed else n for n in book.invoice_order]
     for acct in book.accounts.values():
         acct.movement_tags = {tag(t): [movement_id(m) for m in ids] for t, ids in acct.movement_tags.items()}
-        acct.line_tags = {tag(t): [ref(r) for r in refs] for t, refs in acct.line_tags.items()}
+        acct.line_tags = {tag(t): [(invoice_no(n), i) for n, i in ats] for t, ats in acct.line_tags.items()}
         for pending in acct.pending:
             pending.tags = [tag(t) for t in pending.tags]
     movements = [m.model_copy(update={"id": movement_id(m.id)}) for m in outcome.movements]
