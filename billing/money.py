@@ -150,10 +150,12 @@ def to_minor(amount: Decimal, currency: str) -> int:
     places = minor_units(currency)
     if not amount.is_finite():
         raise MoneyError(f"{amount} {currency} is not a finite amount")
-    scaled = amount.scaleb(places, context=_WIDE)
-    if scaled != scaled.to_integral_value(context=_WIDE):
+    numerator, denominator = amount.as_integer_ratio()
+    scale: int = 10**places
+    minor, rest = divmod(numerator * scale, denominator)
+    if rest:
         raise MoneyError(f"{amount} {currency} is not rounded to {places} decimals")
-    return int(scaled)
+    return minor
 
 
 def from_minor(minor: int, currency: str) -> Decimal:

@@ -13,7 +13,15 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from billing.money import RoundingMode, exact_product, round_quotient, round_to_places, to_fraction
+from billing.money import (
+    MoneyError,
+    RoundingMode,
+    exact_product,
+    round_quotient,
+    round_to_places,
+    to_fraction,
+    to_minor,
+)
 
 _WIDE = Context(prec=200)
 MODES: tuple[RoundingMode, ...] = ("half_up", "half_even")
@@ -90,3 +98,22 @@ def test_exact_product_falls_back_to_a_fraction_beyond_200_digits() -> None:
     product = exact_product(a, a)
     assert isinstance(product, Fraction)
     assert product == to_fraction(a) ** 2
+
+
+def reference_to_minor(amount: Decimal, places: int) -> int | None:
+    scaled = amount.scaleb(places, context=_WIDE)
+    return int(scaled) if scaled == scaled.to_integral_value(context=_WIDE) else None
+
+
+@given(amount=st.one_of(decimals, halves), currency=st.sampled_from(["USD", "JPY", "KWD"]))
+@example(amount=Decimal("-0.00"), currency="USD")
+@example(amount=Decimal("1.230"), currency="USD")
+@example(amount=Decimal("1E+3"), currency="JPY")
+def test_to_minor_equals_the_scaled_path(amount: Decimal, currency: str) -> None:
+    places = {"USD": 2, "JPY": 0, "KWD": 3}[currency]
+    expected = reference_to_minor(amount, places)
+    if expected is None:
+        with pytest.raises(MoneyError):
+            to_minor(amount, currency)
+    else:
+        assert to_minor(amount, currency) == expected
