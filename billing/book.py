@@ -146,8 +146,8 @@ class Account:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         line_tags = state.get("line_tags")
-        if line_tags and any(isinstance(at, LineRef) for ats in line_tags.values() for at in ats):
-            # saved when the lines were LineRef records
+        if line_tags and any(isinstance(ats[0], LineRef) for ats in line_tags.values() if ats):
+            # saved when the lines were LineRef records (all of them then)
             state["line_tags"] = {tag: [_line_at(at) for at in ats] for tag, ats in line_tags.items()}
         self.__dict__.update(state)
 
