@@ -32,7 +32,7 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Any, Literal
 
-from billing.catalog import AddOn, Catalog, Plan, Priced, price_quantity
+from billing.catalog import AddOn, Catalog, CatalogIndex, Plan, Priced
 from billing.credit_notes import CreditNoteError, draft_credit_note
 from billing.discounts import Coupon, Tag, covers, discount_lines
 from billing.fx import MissingRate, rate_at
@@ -50,12 +50,14 @@ from billing.periods import (
     monthly_factor,
     second_fraction,
 )
-from billing.proration import describe, item_of, proration_lines, shown_quantity
+from billing.proration import describe, proration_lines, shown_quantity
 from billing.records import (
     Churn,
     Contraction,
+    ContractionSubtype,
     CreditNote,
     Expansion,
+    ExpansionSubtype,
     Invoice,
     InvoiceLine,
     InvoiceStatus,
@@ -90,6 +92,14 @@ from billing.usage import MemoryUsage, UsageRecord, UsageSource, UsageWindow, mi
 
 LegKey = tuple[str, str, str]
 """(subscription, plan, product): the finest segment a movement's legs are recorded on."""
+
+LineAt = tuple[str, int]
+"""(invoice number, line index): an invoice line a tag links to (a plain tuple: a part holds one
+per billed line, and tuples pickle far cheaper than records)."""
+
+Archived = tuple[tuple[str, ...], bytes]
+"""Invoices kept pickled until something reads them: their numbers and the pickle of the tuple of
+them, in issue order (billing.shards keeps a customer's past invoices so)."""
 
 
 class BookError(ValueError):
@@ -132,8 +142,15 @@ class Account:
     # what links this customer's movements to its invoice lines: a tag names a period, a change
     # or a coupon start of one of its subscriptions, so links never cross customers
     movement_tags: dict[Tag, list[int]] = field(default_factory=dict)
-    line_tags: dict[Tag, list[LineRef]] = field(default_factory=dict)
+    line_tags: dict[Tag, list[LineAt]] = field(default_factory=dict)
     next_invoice: int = 1  # its own series, with settings invoice_numbering.scope "customer"
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        line_tags = state.get("line_tags")
+        if line_tags and any(isinstance(ats[0], LineRef) for ats in line_tags.values() if ats):
+            # saved when the lines were LineRef records (all of them then)
+            state["line_tags"] = {tag: [_line_at(at) for at in ats] for tag, ats in line_tags.items()}
+        self.__dict__.update(state)
 
 
 @dataclass
@@ -168,8 +185,10 @@ class Book:
         self.accounts: dict[str, Account] = {}
         self.subscriptions: dict[str, Subscription] = {}
         self.coupons: dict[int, Coupon] = {}
-        self.invoices: dict[str, Invoice] = {}
+        self.invoices: dict[str, Invoice] = {}  # what is not archived (see `archive_invoices`)
         self.invoice_order: list[str] = []
+        self._archive: dict[str, list[Archived]] = {}  # customer -> its archived invoices
+        self._archived: dict[str, str] = {}  # archived invoice number -> customer
         self.credit_notes: dict[str, CreditNote] = {}  # by number, in issue order
         self.clock: datetime | None = None
         self.next_invoice = 1
@@ -193,8 +212,13 @@ class Book:
         return pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
 
     def __getstate__(self) -> dict[str, Any]:
+        self._unarchive_all()  # a snapshot of the whole book holds every invoice as before
         state = dict(self.__dict__)
+        state.pop("_archive", None)
+        state.pop("_archived", None)
         state.pop("_usage_source", None)  # usage events live in their source, never in a snapshot
+        state.pop("_catalog_index", None)  # derived from the catalog
+        state.pop("_rated", None)  # usage lines rated during one command
         return state
 
     @property
@@ -206,14 +230,25 @@ class Book:
             source = self.__dict__["_usage_source"] = MemoryUsage()
         return source
 
+    @property
+    def _cat(self) -> CatalogIndex:
+        """The catalog's lookups and memoized prices (never pickled; rebuilt for a new catalog)."""
+        index: CatalogIndex | None = self.__dict__.get("_catalog_index")
+        if index is None or index.catalog is not self.catalog:
+            index = self.__dict__["_catalog_index"] = CatalogIndex(self.catalog)
+        return index
+
     def use_usage_source(self, source: UsageSource) -> None:
         self.__dict__["_usage_source"] = source
+        self.__dict__["_rated"] = {}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # a snapshot saved before credit notes existed has no credit note series yet
         state.setdefault("credit_notes", {})
         state.setdefault("next_credit_note", 1)
         state.setdefault("next_customer_order", len(state["accounts"]))
+        state.setdefault("_archive", {})
+        state.setdefault("_archived", {})
         state.setdefault("next_subscription_order", len(state["subscriptions"]))
         movement_tags = state.pop("movement_tags", None)
         line_tags = state.pop("line_tags", None)
@@ -232,6 +267,7 @@ class Book:
         """A snapshot saved when the link tags were the whole book's: give each customer its own.
         A period, usage or coupon tag names a subscription; a change tag belongs to the customer
         whose lines carry it (a change that wrote no line can no longer link to anything)."""
+        self._unarchive_all()
         for acct in self.accounts.values():
             acct.__dict__.setdefault("movement_tags", {})
             acct.__dict__.setdefault("line_tags", {})
@@ -240,7 +276,7 @@ class Book:
             for ref in refs:
                 customer = self.invoices[ref.invoice].customer
                 owners.setdefault(tag, set()).add(customer)
-                self.accounts[customer].line_tags.setdefault(tag, []).append(ref)
+                self.accounts[customer].line_tags.setdefault(tag, []).append((ref.invoice, ref.line))
         for acct in self.accounts.values():
             for pending in acct.pending:
                 for tag in pending.tags:
@@ -360,7 +396,7 @@ class Book:
         return addon
 
     def _item(self, kind: str, code: str) -> Priced:
-        return item_of(self.catalog, kind, code)
+        return self._cat.item(kind, code)
 
     @property
     def _policy(self) -> Literal["day", "second", "none"]:
@@ -582,6 +618,7 @@ class Book:
         # a repeated id is ignored by the source, never billed twice
         self.usage.record(ev.subscription, self.catalog.metric(ev.metric),
                           UsageRecord(ev.at, ev.metric, ev.value, ev.id, dict(ev.properties)))
+        self.__dict__["_rated"] = {}
 
     def usage_window(self, sub_id: str, metric_code: str) -> UsageWindow:
         """When `sub_id` accepts events of `metric_code` (billing.usage.UsageWindow); BookError
@@ -773,6 +810,8 @@ class Book:
         self._out.credit_notes.append(note)
 
     def _invoice(self, number: str) -> Invoice:
+        if number in self._archived:
+            self._unarchive(self._archived[number])
         try:
             return self.invoices[number]
         except KeyError:
@@ -784,7 +823,7 @@ class Book:
         return cid
 
     def _metrics_of(self, sub: Subscription) -> list[str]:
-        return [m.code for m in self.catalog.plan_metrics(self.catalog.plan(sub.items.plan))]
+        return [m.code for m in self._cat.plan_metrics(sub.items.plan)]
 
     # -- transitions ---------------------------------------------------------------------------
 
@@ -802,7 +841,10 @@ class Book:
             if self._next_transition(sub) != (at, stage, order):
                 continue
             self._transition(sub, at, stage)
-            self._queue_customer(sub.customer)
+            if self.accounts[sub.customer].coupons:
+                self._queue_customer(sub.customer)
+            else:  # only a customer coupon links one subscription's transitions to another's
+                self._queue(sub)
 
     def _queue(self, sub: Subscription) -> None:
         nxt = self._next_transition(sub)
@@ -839,19 +881,29 @@ class Book:
         if sub.status != "active" or sub.current is None:
             return None
         b = sub.current.end
-        for stage in range(sub.stage + 1, 6):
+        first = sub.stage + 1
+        if first > 5:
+            return None
+        # stages 0 and 1 inline (the common case); stage 5, the new period, always comes
+        if first == 0 and sub.usage_open is not None and self._cat.plan_metrics(sub.items.plan):
+            return (b, 0, sub.order)
+        if first <= 1 and (sub.scheduled or sub.cancel_at_period_end):
+            return (b, 1, sub.order)
+        for stage in range(max(first, 2), 5):
             if self._stage_relevant(sub, b, stage):
                 return (b, stage, sub.order)
-        return None
+        return (b, 5, sub.order)
 
     def _stage_relevant(self, sub: Subscription, b: datetime, stage: int) -> bool:
         if stage == 0:
-            return sub.usage_open is not None and bool(self._metrics_of(sub))
+            return sub.usage_open is not None and bool(self._cat.plan_metrics(sub.items.plan))
         if stage == 1:
             return bool(sub.scheduled) or sub.cancel_at_period_end
         if stage == 3:
             return any(self.coupons[c].windows.get(sub.id, (b, None))[1] == b for c in sub.active_coupons)
         if stage == 4:
+            if not self.accounts[sub.customer].coupons:
+                return False
             return any(c.recurring and c.id not in sub.active_coupons and c.windows.get(sub.id, (None,))[0] == b
                        for c in self._coupons_of(sub))
         return stage == 5
@@ -926,7 +978,7 @@ class Book:
             window = coupon.windows.get(sub.id)
             if coupon.percent is not None and window is not None and covers(window, period.start):
                 amount *= 1 - coupon.percent
-        plan = self.catalog.plan(period.plan)
+        plan = self._cat.plan(period.plan)
         sub.usage_mrr = amount * monthly_factor(plan.interval, plan.interval_count)
         self._emit(acct, at, "usage", sub, [("use", sub.id, _k(at))])
 
@@ -937,18 +989,25 @@ class Book:
         coupons, plus the usage part; nothing while trialing or after it ended."""
         if sub.status != "active":
             return Fraction(0)
-        plan = self.catalog.plan(sub.items.plan)
-        base = Fraction(0)
-        for kind, code, qty in sub.items.priced():
-            base += price_quantity(self._item(kind, code), Fraction(qty), currency)
-        for cid in sub.active_coupons:
-            coupon = self.coupons[cid]
-            if coupon.percent is not None:
-                base -= base * coupon.percent
-            elif coupon.amount is not None:
-                base -= min(Fraction(coupon.amount), base)
-        recurring = base * monthly_factor(plan.interval, plan.interval_count)
-        return recurring + (sub.usage_mrr if self.settings.usage_in_mrr else Fraction(0))
+        items = sub.items
+        terms = tuple((c.percent, c.amount) for c in map(self.coupons.__getitem__, sub.active_coupons))
+        key = (currency, items.plan, items.quantity, tuple(items.addons.items()), terms)
+        cat = self._cat
+        recurring = cat.recurring.get(key)
+        if recurring is None:
+            plan = cat.plan(items.plan)
+            base = Fraction(0)
+            for kind, code, qty in items.priced():
+                base += cat.price(kind, code, currency, qty)
+            for percent, amount in terms:
+                if percent is not None:
+                    base -= base * percent
+                elif amount is not None:
+                    base -= min(Fraction(amount), base)
+            recurring = cat.recurring[key] = base * monthly_factor(plan.interval, plan.interval_count)
+        if sub.usage_mrr and self.settings.usage_in_mrr:
+            return recurring + sub.usage_mrr
+        return recurring
 
     def customer_mrr(self, customer: str) -> Decimal:
         acct = self.accounts[customer]
@@ -961,13 +1020,18 @@ class Book:
         rounded on its own, the residue that makes the parts sum to the rounded total given to
         the largest part (the first of equals, in subscription order)."""
         mode = self.settings.rounding
+        cat = self._cat
         exact: dict[LegKey, Fraction] = {}
         for sub_id in acct.subscriptions:
             sub = self.subscriptions[sub_id]
             amount = self._subscription_mrr(sub, acct.currency)
             if amount:
-                plan = self.catalog.plan(sub.items.plan)
+                plan = cat.plan(sub.items.plan)
                 exact[(sub.id, plan.code, plan.product)] = amount
+        if len(exact) == 1:  # one part: it is the total, rounded the same way
+            (key, amount), = exact.items()
+            total = round_money(amount, acct.currency, mode)
+            return total, ({key: total} if total else {})
         total = round_money(sum(exact.values(), Fraction(0)), acct.currency, mode)
         levels = {key: round_money(amount, acct.currency, mode) for key, amount in exact.items()}
         residue = total - sum(levels.values(), Decimal(0))
@@ -991,7 +1055,8 @@ class Book:
         if residue and changes:
             largest = max(range(len(changes)), key=lambda i: abs(changes[i][1]))
             converted[largest] += residue
-        return tuple(Leg(subscription=key[0], plan=key[1], product=key[2], delta=change, reporting_delta=conv)
+        return tuple(Leg(subscription=key[0], plan=key[1], product=key[2], delta=change,
+                                         reporting_delta=conv)
                      for (key, change), conv in zip(changes, converted, strict=True))
 
     def _emit(self, acct: Account, at: datetime, cause: str, sub: Subscription | None, tags: list[Tag]) -> None:
@@ -1007,10 +1072,10 @@ class Book:
         rate = self.fx_rate(acct.currency, at)
         reporting = round_money(Fraction(delta) * rate, rep, self.settings.rounding)
         legs = self._legs(acct.legs, levels, reporting, rate)
-        common = dict(id=self.next_movement, at=at, customer=acct.id,
-                      subscription=sub.id if sub is not None else None, currency=acct.currency,
-                      mrr_before=before, mrr_after=after, delta=delta, reporting_currency=rep,
-                      reporting_delta=reporting, cause=cause, event_index=self._index, legs=legs)
+        common: dict[str, Any] = dict(
+            id=self.next_movement, at=at, customer=acct.id, subscription=sub.id if sub is not None else None,
+            currency=acct.currency, mrr_before=before, mrr_after=after, delta=delta, reporting_currency=rep,
+            reporting_delta=reporting, cause=cause, event_index=self._index, legs=legs)
         movement: MrrMovement
         if before == 0:
             movement = Reactivation(**common) if acct.had_mrr else New(**common)
@@ -1028,8 +1093,8 @@ class Book:
         self._out.movements.append(movement)
         for tag in tags:
             acct.movement_tags.setdefault(tag, []).append(movement.id)
-            for ref in acct.line_tags.get(tag, []):
-                self._out.links.append((movement.id, ref))
+            for number, line in acct.line_tags.get(tag, []):
+                self._out.links.append((movement.id, LineRef(invoice=number, line=line)))
 
     def fx_rate(self, currency: str, at: datetime) -> Fraction:
         """Value of one unit of `currency` in the reporting currency at `at` (billing.fx)."""
@@ -1102,7 +1167,7 @@ class Book:
         lines = []
         for kind, code, qty in lp.items.priced():
             item = self._item(kind, code)
-            amount = round_money(price_quantity(item, Fraction(qty), acct.currency) * share,
+            amount = round_money(self._cat.price(kind, code, acct.currency, qty) * share,
                                  acct.currency, self.settings.rounding)
             lines.append(InvoiceLine(
                 kind="plan" if kind == "plan" else "addon",
@@ -1117,9 +1182,18 @@ class Book:
         return lines
 
     def _usage_lines(self, sub: Subscription, acct: Account, up: UsagePeriod) -> list[InvoiceLine]:
-        plan = self.catalog.plan(up.plan)
+        """The usage lines of a closed period. Rated once per command (a run closes a period and
+        bills it): the memo is emptied whenever usage is recorded or the source changes."""
+        rated: dict[tuple[Any, ...], list[InvoiceLine]] = self.__dict__.setdefault("_rated", {})
+        key = (sub.id, up.start, up.end, up.full_end, up.plan, acct.currency)
+        lines = rated.get(key)
+        if lines is None:
+            lines = rated[key] = self._rate_usage(sub, acct, up)
+        return list(lines)
+
+    def _rate_usage(self, sub: Subscription, acct: Account, up: UsagePeriod) -> list[InvoiceLine]:
         lines = []
-        for metric in self.catalog.plan_metrics(plan):
+        for metric in self._cat.plan_metrics(up.plan):
             quantity = self.usage.aggregate(sub.id, metric, up.start, up.end, held_until=up.full_end)
             amount = round_money(rate(metric, quantity, acct.currency), acct.currency, self.settings.rounding)
             lines.append(InvoiceLine(
@@ -1164,10 +1238,11 @@ class Book:
             self.invoice_order.append(number)
             self._out.issued.append(invoice)
             for index, (_, tags) in enumerate(pairs):
-                ref = LineRef(invoice=number, line=index)
+                ref: LineRef | None = None
                 for tag in tags:
-                    acct.line_tags.setdefault(tag, []).append(ref)
+                    acct.line_tags.setdefault(tag, []).append((number, index))
                     for movement_id in acct.movement_tags.get(tag, []):
+                        ref = ref or LineRef(invoice=number, line=index)
                         self._out.links.append((movement_id, ref))
 
     def _invoice_number(self, acct: Account) -> str:
@@ -1201,7 +1276,39 @@ class Book:
         return min(times, default=None)
 
     def issued_invoices(self) -> list[Invoice]:
+        self._unarchive_all()
         return [self.invoices[n] for n in self.invoice_order]
+
+    # -- archived invoices ---------------------------------------------------------------------
+
+    def archive_invoices(self, customer: str, archived: list[Archived]) -> None:
+        """Take a customer's past invoices still pickled (billing.shards): they are numbered in
+        `invoice_order` now and decoded only when a command or a reader needs one. Call before
+        the customer's decoded invoices are added (the archived ones were issued first)."""
+        if not archived:
+            return
+        self._archive.setdefault(customer, []).extend(archived)
+        for numbers, _ in archived:
+            self.invoice_order.extend(numbers)
+            self._archived.update(dict.fromkeys(numbers, customer))
+
+    def archived_invoices(self, customer: str) -> list[Archived]:
+        """The customer's invoices that are still archived (nothing has read them)."""
+        return self._archive.get(customer, [])
+
+    def is_archived(self, number: str) -> bool:
+        return number in self._archived
+
+    def _unarchive(self, customer: str) -> None:
+        for numbers, data in self._archive.pop(customer, []):
+            invoices = pickle.loads(data)  # noqa: S301 - our own snapshot from our own database
+            for number, invoice in zip(numbers, invoices, strict=True):
+                self.invoices[number] = invoice
+                del self._archived[number]
+
+    def _unarchive_all(self) -> None:
+        for customer in list(self.__dict__.get("_archive", ())):
+            self._unarchive(customer)
 
     def issued_credit_notes(self) -> list[CreditNote]:
         return list(self.credit_notes.values())
@@ -1217,7 +1324,7 @@ class Book:
         return movement_id
 
 
-_EXPANSION_SUBTYPE: dict[str, str] = {
+_EXPANSION_SUBTYPE: dict[str, ExpansionSubtype] = {
     "change_quantity": "seat",
     "change_plan": "upgrade",
     "add_addon": "add_on",
@@ -1228,7 +1335,7 @@ _EXPANSION_SUBTYPE: dict[str, str] = {
     "reactivate": "cross_sell",
     "discount_end": "discount_end",
 }
-_CONTRACTION_SUBTYPE: dict[str, str] = {
+_CONTRACTION_SUBTYPE: dict[str, ContractionSubtype] = {
     "change_quantity": "seat",
     "change_plan": "downgrade",
     "add_addon": "add_on",
@@ -1243,6 +1350,10 @@ LINE_KINDS: tuple[LineKind, ...] = ("plan", "addon", "usage", "proration", "disc
 
 def _k(instant: datetime) -> str:
     return instant.isoformat()
+
+
+def _line_at(at: LineRef | LineAt) -> LineAt:
+    return (at.invoice, at.line) if isinstance(at, LineRef) else at
 
 
 def _where(index: int | None, kind: str) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 from fractions import Fraction
+from functools import lru_cache
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -194,13 +195,13 @@ def price_quantity(item: Priced, quantity: Fraction, currency: str) -> Fraction:
     if quantity < 0:
         raise ValueError("quantity must not be negative")
     if item.pricing == "flat":
-        return Fraction(item.prices[currency])
+        return exact(item.prices[currency])
     if item.pricing == "per_unit":
-        return Fraction(item.prices[currency]) * quantity
+        return exact(item.prices[currency]) * quantity
     if item.pricing == "package":
         size = item.package_size or 1
         blocks = -((-quantity) // size)  # ceiling: per started block
-        return Fraction(item.prices[currency]) * blocks
+        return exact(item.prices[currency]) * blocks
     if item.pricing == "tiered":
         total = Fraction(0)
         lower = Fraction(0)
@@ -210,8 +211,8 @@ def price_quantity(item: Priced, quantity: Fraction, currency: str) -> Fraction:
                 break
             units = quantity - lower if upper is None else min(quantity, upper) - lower
             if units > 0:
-                total += units * Fraction(tier.unit_amount[currency])
-                total += Fraction(tier.flat_amount.get(currency, Decimal(0)))
+                total += units * exact(tier.unit_amount[currency])
+                total += exact(tier.flat_amount.get(currency, Decimal(0)))
             if upper is None:
                 break
             lower = upper
@@ -221,8 +222,56 @@ def price_quantity(item: Priced, quantity: Fraction, currency: str) -> Fraction:
             return Fraction(0)
         for tier in item.tiers:
             if tier.up_to is None or quantity <= tier.up_to:
-                return quantity * Fraction(tier.unit_amount[currency]) + Fraction(
+                return quantity * exact(tier.unit_amount[currency]) + exact(
                     tier.flat_amount.get(currency, Decimal(0))
                 )
         raise AssertionError("volume tiers end with up_to null")
     raise ValueError(f"unknown pricing {item.pricing!r}")
+
+
+@lru_cache(maxsize=4096)
+def exact(amount: Decimal) -> Fraction:
+    """A catalog amount as a Fraction (memoized: a catalog holds few distinct amounts)."""
+    return Fraction(amount)
+
+
+class CatalogIndex:
+    """Lookups by code and exact prices of one catalog, memoized: a catalog is frozen, so a code
+    always names the same item and `price` is a pure function of (kind, code, currency, quantity).
+    Unknown codes raise the catalog's own KeyError."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self._plans = {plan.code: plan for plan in catalog.plans}
+        self._addons = {addon.code: addon for addon in catalog.addons}
+        self._plan_metrics: dict[str, tuple[Metric, ...]] = {}
+        self._prices: dict[tuple[str, str, str, int], Fraction] = {}
+        # the book's memo of a subscription's recurring monthly amount, by (currency, plan,
+        # quantity, add-ons, coupon terms): a pure function of those and this catalog
+        self.recurring: dict[tuple[object, ...], Fraction] = {}
+
+    def plan(self, code: str) -> Plan:
+        plan = self._plans.get(code)
+        return plan if plan is not None else self.catalog.plan(code)
+
+    def item(self, kind: str, code: str) -> Priced:
+        """A plan (`kind` "plan") or an add-on."""
+        if kind == "plan":
+            return self.plan(code)
+        addon = self._addons.get(code)
+        return addon if addon is not None else self.catalog.addon(code)
+
+    def plan_metrics(self, code: str) -> tuple[Metric, ...]:
+        """`Catalog.plan_metrics` of the plan `code`."""
+        metrics = self._plan_metrics.get(code)
+        if metrics is None:
+            metrics = self._plan_metrics[code] = tuple(self.catalog.plan_metrics(self.plan(code)))
+        return metrics
+
+    def price(self, kind: str, code: str, currency: str, quantity: int) -> Fraction:
+        """`price_quantity` of `quantity` whole units of the item."""
+        key = (kind, code, currency, quantity)
+        amount = self._prices.get(key)
+        if amount is None:
+            amount = self._prices[key] = price_quantity(self.item(kind, code), Fraction(quantity), currency)
+        return amount

@@ -77,6 +77,8 @@ def discount_lines(
     """The discount lines for an invoice's `lines` (`coverage` maps id(line) to the start of the
     period it belongs to). Marks `once` coupons used when they took something."""
     out: list[tuple[InvoiceLine, list[Tag]]] = []
+    if not coupons:
+        return out
     remaining = {id(line): Fraction(line.amount) for line in lines}
     for coupon in coupons:
         covered = [line for line in lines if line.subscription is not None

@@ -13,9 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from fractions import Fraction
 
-from billing.money import RoundingMode, round_money
+from billing.money import RoundingMode, exact_product, round_money
 from billing.records import InvoiceLine, InvoiceStatus
 
 
@@ -44,7 +43,7 @@ def totals(lines: Sequence[InvoiceLine], tax_rate: Decimal, credit_balance: Deci
     """Amounts of an invoice from its (already rounded) lines and the customer's credit."""
     subtotal = sum((line.amount for line in lines if line.kind != "discount"), Decimal(0))
     discount = -sum((line.amount for line in lines if line.kind == "discount"), Decimal(0))
-    tax = round_money(Fraction(subtotal - discount) * Fraction(tax_rate), currency, mode)
+    tax = round_money(exact_product(subtotal - discount, tax_rate), currency, mode)
     total = subtotal - discount + tax
     credit_applied = min(credit_balance, total) if total > 0 else Decimal(0)
     amount_due = total - credit_applied if total > 0 else Decimal(0)

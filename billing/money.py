@@ -11,7 +11,7 @@ Rules (SCENARIOS.md, "Conventions"):
 
 from __future__ import annotations
 
-from decimal import ROUND_HALF_EVEN, ROUND_HALF_UP, Context, Decimal, InvalidOperation
+from decimal import ROUND_HALF_EVEN, ROUND_HALF_UP, Context, Decimal, Inexact, InvalidOperation
 from fractions import Fraction
 from functools import cache
 from typing import Literal
@@ -88,6 +88,14 @@ def to_fraction(value: Decimal | Fraction | int) -> Fraction:
 
 
 _WIDE = Context(prec=200)
+_EXACT = Context(prec=200, traps=[Inexact, InvalidOperation])  # exact or raises
+_FAST_DIGITS = 190  # results with fewer digits fit the 200-digit contexts exactly
+_FAST_LIMIT = 10**_FAST_DIGITS
+
+
+@cache
+def _quantum(places: int) -> Decimal:
+    return Decimal(1).scaleb(-places)
 
 
 def round_money(
@@ -103,19 +111,38 @@ def round_money(
 
 
 def round_to_places(value: Decimal | Fraction | int, places: int, mode: RoundingMode = "half_up") -> Decimal:
-    """Round exactly to `places` decimals (used for money and for 2-decimal rates)."""
+    """Round exactly to `places` decimals (used for money and for 2-decimal rates).
+
+    A Decimal is quantized with the mode in a 200-digit context (exact up to there); a Fraction
+    is rounded by integer division; a zero result is always +0.
+    """
+    if isinstance(value, Decimal) and value.is_finite() and value.adjusted() + places < _FAST_DIGITS:
+        rounded = value.quantize(_quantum(places), rounding=_DECIMAL_MODES[mode], context=_WIDE)
+        return rounded if rounded else rounded.copy_abs()
     frac = to_fraction(value)
-    scaled = frac * (10**places)
-    sign = -1 if scaled < 0 else 1
-    scaled = abs(scaled)
-    whole, rest = divmod(scaled.numerator, scaled.denominator)
-    twice = 2 * rest
-    if twice > scaled.denominator or (
-        twice == scaled.denominator and (mode == "half_up" or whole % 2 == 1)
-    ):
-        whole += 1
-    q = Decimal(sign * whole).scaleb(-places, context=_WIDE)
+    whole = round_quotient(frac.numerator * 10**places, frac.denominator, mode)
+    if abs(whole) < _FAST_LIMIT:
+        return Decimal(whole).scaleb(-places, context=_WIDE)
+    q = Decimal(whole).scaleb(-places, context=_WIDE)
     return q.quantize(Decimal(1).scaleb(-places), context=_WIDE)
+
+
+def round_quotient(numerator: int, denominator: int, mode: RoundingMode = "half_up") -> int:
+    """The integer nearest `numerator / denominator` (denominator > 0); a tie goes away from
+    zero under `half_up`, to the even neighbour under `half_even`."""
+    whole, rest = divmod(abs(numerator), denominator)
+    twice = 2 * rest
+    if twice > denominator or (twice == denominator and (mode == "half_up" or whole % 2 == 1)):
+        whole += 1
+    return -whole if numerator < 0 else whole
+
+
+def exact_product(a: Decimal, b: Decimal) -> Decimal | Fraction:
+    """`a × b` exactly: a Decimal when 200 digits hold it, else a Fraction."""
+    try:
+        return _EXACT.multiply(a, b)
+    except (Inexact, InvalidOperation):
+        return to_fraction(a) * to_fraction(b)
 
 
 def to_minor(amount: Decimal, currency: str) -> int:
@@ -123,10 +150,12 @@ def to_minor(amount: Decimal, currency: str) -> int:
     places = minor_units(currency)
     if not amount.is_finite():
         raise MoneyError(f"{amount} {currency} is not a finite amount")
-    scaled = amount.scaleb(places, context=_WIDE)
-    if scaled != scaled.to_integral_value(context=_WIDE):
+    numerator, denominator = amount.as_integer_ratio()
+    scale: int = 10**places
+    minor, rest = divmod(numerator * scale, denominator)
+    if rest:
         raise MoneyError(f"{amount} {currency} is not rounded to {places} decimals")
-    return int(scaled)
+    return minor
 
 
 def from_minor(minor: int, currency: str) -> Decimal:

@@ -40,7 +40,7 @@ from fractions import Fraction
 from functools import cache
 
 from billing.fx import MissingRate, rate_at
-from billing.money import minor_units, round_to_places
+from billing.money import minor_units, round_quotient
 from billing.periods import month_start
 from billing.scenario import Settings
 
@@ -49,6 +49,7 @@ LEVEL_MEASURES = ("starting", "ending", "payers_start", "payers_end", "a_end", "
 TTM_MEASURES = ("ttm_f", "ttm_g", "ttm_h")
 COHORT_MEASURES = ("cohort_net", "cohort_kept", "cohort_base", "cohort_paying")
 PERIODS = (("quarter", 3), ("year", 12))
+_PERIOD_NAMES = {period: tuple(f"{period}:{name}" for name in LEVEL_MEASURES) for period, _ in PERIODS}
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ class Conversion:
             if not self.strict:
                 return 0
             raise MissingRate(f"no fx rate for {currency} in {self.reporting} in month {month}")
-        return int(round_to_places(amount * factor, 0, self.settings.rounding))
+        return round_quotient(amount * factor.numerator, factor.denominator, self.settings.rounding)
 
 
 def _measures(currency: str, cohort: int | None) -> tuple[str, ...]:
@@ -112,6 +113,8 @@ class _Customer:
                  first: MonthRow | None) -> None:
         self.months = [row.month for row in rows]
         self.ends = [row.mrr_end for row in rows]
+        self.expansions = [row.expansions for row in rows]
+        self.lost = [row.lost for row in rows]
         self.rows = {row.month: row for row in rows}
         self.currency = currency
         self.conversion = conversion
@@ -126,12 +129,11 @@ class _Customer:
     def period_values(self, p: int, k: int) -> tuple[int, ...]:
         """The level measures of period p of k months (a quarter or a year)."""
         first, last = p * k, (p + 1) * k - 1
-        s = self.level(first - 1)
-        e = self.level(last)
         lo, hi = bisect_right(self.months, first - 1), bisect_right(self.months, last)
-        inside = [self.rows[self.months[i]] for i in range(lo, hi)]
-        expansions = sum(row.expansions for row in inside)
-        lost = sum(row.lost for row in inside)
+        s = self.ends[lo - 1] if lo else self.before  # level(first - 1)
+        e = self.ends[hi - 1] if hi else self.before  # level(last)
+        expansions = sum(self.expansions[lo:hi])
+        lost = sum(self.lost[lo:hi])
         start = self.conversion.convert(self.currency, first, s, end=False)
         end = self.conversion.convert(self.currency, last, e, end=True)
         member = start > 0
@@ -220,9 +222,9 @@ def differences(rows: Sequence[MonthRow], currency: str, since: int, conversion:
         previous = (0,) * len(LEVEL_MEASURES)
         for p in sorted(q for q in periods if q >= opening):
             current = customer.period_values(p, k)
-            for name, now, then in zip(LEVEL_MEASURES, current, previous, strict=True):
+            for name, now, then in zip(_PERIOD_NAMES[period], current, previous, strict=True):
                 if now != then:
-                    out[(f"{period}:{name}", p * k)] = now - then
+                    out[(name, p * k)] = now - then
             previous = current
     return out
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from fractions import Fraction
+from functools import cache, lru_cache
 from typing import Literal
 from zoneinfo import ZoneInfo
 
@@ -33,6 +34,7 @@ MONTHLY_FACTOR: dict[str, Fraction] = {
 }
 
 
+@cache
 def monthly_factor(interval: str, count: int) -> Fraction:
     """Multiplier from an amount per period to a monthly amount (SCENARIOS.md, MRR)."""
     return MONTHLY_FACTOR[interval] / count
@@ -119,18 +121,13 @@ class Grid:
     billing_day: int | None = None
 
     def boundary(self, n: int) -> datetime:
-        if self.billing_day is None:
-            wall = self.anchor + _step(self.interval, n * self.count)
-        else:
-            months = n * self.count * (12 if self.interval == "year" else 1)
-            month_start = self.anchor.replace(day=1)
-            wall = month_start + relativedelta(months=months, day=self.billing_day)
-        return instant_of(wall, self.tz)
+        return _boundary(self.tz, self.interval, self.count, self.anchor, self.anchor.fold, self.billing_day, n)
 
     def _index_at_or_before(self, instant: datetime) -> int:
         """Largest n with boundary(n) <= instant."""
         approx_days = {"day": 1, "week": 7, "month": 30.44, "year": 365.25}[self.interval] * self.count
-        base = instant_of(self.anchor, self.tz) if self.billing_day is None else self.boundary(0)
+        base = _anchor_instant(self.anchor, self.anchor.fold, self.tz) if self.billing_day is None \
+            else self.boundary(0)
         n = int((instant - base).total_seconds() / 86400 / approx_days)
         while self.boundary(n) > instant:
             n -= 1
@@ -157,6 +154,26 @@ class Grid:
 
     def period_starting(self, start: datetime) -> Period:
         return self.period_containing(start)
+
+
+@lru_cache(maxsize=1 << 16)
+def _boundary(tz: str, interval: str, count: int, anchor: datetime, fold: int, billing_day: int | None,
+              n: int) -> datetime:
+    """Boundary n of a grid (`Grid.boundary`), memoized: a pure function of the grid's fields
+    (`fold` is passed on its own because equal naive datetimes may differ in it)."""
+    del fold  # part of the cache key only; `anchor` carries it
+    if billing_day is None:
+        wall = anchor + _step(interval, n * count)
+    else:
+        months = n * count * (12 if interval == "year" else 1)
+        wall = anchor.replace(day=1) + relativedelta(months=months, day=billing_day)
+    return instant_of(wall, tz)
+
+
+@lru_cache(maxsize=1 << 12)
+def _anchor_instant(anchor: datetime, fold: int, tz: str) -> datetime:
+    del fold  # part of the cache key only
+    return instant_of(anchor, tz)
 
 
 def day_fraction(change: datetime, period: Period, tz: str) -> Fraction:

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
-from typing import Annotated, Literal
+from functools import cache
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -39,6 +40,43 @@ CONTRACTION_SUBTYPES: tuple[str, ...] = ("seat", "downgrade", "add_on", "usage",
 
 class Record(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle as the field values in declaration order plus a bit mask of the fields left
+        unset: the state pydantic pickles, without a dict and a set per record (customer parts
+        hold many records). Pickles in pydantic's own form still load."""
+        cls = type(self)
+        names = _field_names(cls)
+        fields_set = self.__pydantic_fields_set__
+        unset = 0
+        if len(fields_set) != len(names):
+            for bit, name in enumerate(names):
+                if name not in fields_set:
+                    unset |= 1 << bit
+        return (_restore_record, (cls, tuple(map(self.__dict__.__getitem__, names)), unset))
+
+
+@cache
+def _field_names(cls: type[Record]) -> tuple[str, ...]:
+    return tuple(cls.model_fields)
+
+
+@cache
+def _fields_set(cls: type[Record], unset: int) -> frozenset[str]:
+    return frozenset(name for bit, name in enumerate(_field_names(cls)) if not unset >> bit & 1)
+
+
+def _restore_record(cls: type[Record], values: tuple[Any, ...], unset: int) -> Record:
+    """A record from `Record.__reduce__`'s state, set as pydantic's own `__setstate__` sets it."""
+    record = cls.__new__(cls)
+    _set(record, "__dict__", dict(zip(_field_names(cls), values, strict=True)))
+    _set(record, "__pydantic_fields_set__", set(_fields_set(cls, unset)))
+    _set(record, "__pydantic_extra__", None)
+    _set(record, "__pydantic_private__", None)
+    return record
+
+
+_set = object.__setattr__
 
 
 class InvoiceLine(Record):

@@ -21,8 +21,9 @@ import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from datetime import datetime
+from typing import Any
 
-from billing.book import Account, Book, Outcome
+from billing.book import Account, Archived, Book, Outcome
 from billing.catalog import Catalog
 from billing.discounts import Coupon, Tag
 from billing.records import CreditNote, Invoice, LineRef
@@ -50,16 +51,38 @@ class Counters:
 
 @dataclass
 class CustomerPart:
-    """One customer's share of the book."""
+    """One customer's share of the book.
+
+    Its past invoices stay pickled (`archived`, issue order, before `invoices`): a run or a
+    command that does not read them neither decodes nor encodes them again, so a part's cost does
+    not grow with its history. Pickling a part archives its decoded invoices as one more entry."""
 
     account: Account
     subscriptions: dict[str, Subscription] = field(default_factory=dict)
     coupons: dict[int, Coupon] = field(default_factory=dict)
     invoices: dict[str, Invoice] = field(default_factory=dict)  # in issue order
     credit_notes: dict[str, CreditNote] = field(default_factory=dict)  # in issue order
+    archived: list[Archived] = field(default_factory=list)  # issued before `invoices`
 
     def dumps(self) -> bytes:
         return pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if self.invoices:
+            data = pickle.dumps(tuple(self.invoices.values()), protocol=pickle.HIGHEST_PROTOCOL)
+            entry = (tuple(self.invoices), data)
+            state["archived"] = [*self.archived, entry]
+            state["invoices"] = {}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("archived", [])  # a part saved before invoices were archived
+        self.__dict__.update(state)
+
+    def invoice_numbers(self) -> list[str]:
+        """Every invoice of the customer, archived or not, in issue order."""
+        return [number for numbers, _ in self.archived for number in numbers] + list(self.invoices)
 
     @staticmethod
     def loads(data: bytes) -> CustomerPart:
@@ -90,6 +113,7 @@ def assemble(book: Book, parts: list[CustomerPart], counters: Counters, clock: d
         book.accounts[part.account.id] = part.account
         book.subscriptions.update(part.subscriptions)
         book.coupons.update(part.coupons)
+        book.archive_invoices(part.account.id, part.archived)
         book.invoices.update(part.invoices)
         book.invoice_order.extend(part.invoices)
         book.credit_notes.update(part.credit_notes)
@@ -107,12 +131,15 @@ def assemble(book: Book, parts: list[CustomerPart], counters: Counters, clock: d
 
 def split(book: Book) -> dict[str, CustomerPart]:
     """The book's customers' parts (sharing the book's objects)."""
-    parts = {customer: CustomerPart(account) for customer, account in book.accounts.items()}
+    parts = {customer: CustomerPart(account, archived=list(book.archived_invoices(customer)))
+             for customer, account in book.accounts.items()}
     for sub in book.subscriptions.values():
         parts[sub.customer].subscriptions[sub.id] = sub
     for coupon in book.coupons.values():
         parts[coupon.customer].coupons[coupon.id] = coupon
     for number in book.invoice_order:
+        if book.is_archived(number):
+            continue
         invoice = book.invoices[number]
         parts[invoice.customer].invoices[number] = invoice
     for number, note in book.credit_notes.items():
@@ -193,7 +220,7 @@ def renumber(book: Book, outcome: Outcome, real: Counters) -> Outcome:
         book.invoice_order = [renamed[n].number if n in renamed else n for n in book.invoice_order]
     for acct in book.accounts.values():
         acct.movement_tags = {tag(t): [movement_id(m) for m in ids] for t, ids in acct.movement_tags.items()}
-        acct.line_tags = {tag(t): [ref(r) for r in refs] for t, refs in acct.line_tags.items()}
+        acct.line_tags = {tag(t): [(invoice_no(n), i) for n, i in ats] for t, ats in acct.line_tags.items()}
         for pending in acct.pending:
             pending.tags = [tag(t) for t in pending.tags]
     movements = [m.model_copy(update={"id": movement_id(m.id)}) for m in outcome.movements]

@@ -32,7 +32,7 @@ from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from typing import Any, Protocol
 
-from billing.catalog import Metric, price_quantity
+from billing.catalog import Metric, exact, price_quantity
 from billing.money import shown
 
 DECIMALS = 6
@@ -287,9 +287,9 @@ class MemoryUsage:
 
 def rate(metric: Metric, quantity: Fraction, currency: str) -> Fraction:
     """Exact amount for an aggregate: price the quantity above `included`, floor at `minimum`."""
-    billable = max(quantity - Fraction(metric.included), Fraction(0))
+    billable = max(quantity - exact(metric.included), Fraction(0))
     amount = price_quantity(metric, billable, currency)
     minimum = metric.minimum.get(currency)
     if minimum is not None:
-        amount = max(amount, Fraction(minimum))
+        amount = max(amount, exact(minimum))
     return amount

@@ -69,7 +69,7 @@ class PartStore:
             self.due[customer] = (due.transition_at, due.due_at)
             for sub in part.subscriptions:
                 self.sub_owner[sub] = customer
-            for number in part.invoices:
+            for number in part.invoice_numbers():
                 self.invoice_owner[number] = customer
         self.counters = counters_of(book)
         self.clock = book.clock

@@ -1,0 +1,146 @@
+"""The core's memoized and inlined paths agree with the plain computations they replace.
+
+Each `reference_*` below is the code as it was before the fast path; after every command of
+every fixture the book's answer must equal it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+from dateutil.relativedelta import relativedelta
+from hypothesis import given
+from hypothesis import strategies as st
+
+from billing.book import Book, BookError, LegKey
+from billing.catalog import CatalogIndex, price_quantity
+from billing.money import round_money
+from billing.periods import Grid, _step, instant_of, monthly_factor
+from billing.proration import item_of
+from billing.scenario import Scenario, parse_scenario_text
+from billing.subscription import Subscription
+
+FIXTURES = sorted((Path(__file__).resolve().parents[2] / "fixtures" / "scenarios").glob("*.json"))
+SCENARIOS = [parse_scenario_text(path.read_text()) for path in FIXTURES]
+ZONES = ["UTC", "America/New_York", "Europe/Berlin", "Australia/Sydney", "Asia/Kolkata"]
+
+
+def reference_boundary(grid: Grid, n: int) -> datetime:
+    if grid.billing_day is None:
+        wall = grid.anchor + _step(grid.interval, n * grid.count)
+    else:
+        months = n * grid.count * (12 if grid.interval == "year" else 1)
+        wall = grid.anchor.replace(day=1) + relativedelta(months=months, day=grid.billing_day)
+    return instant_of(wall, grid.tz)
+
+
+def reference_next_transition(book: Book, sub: Subscription) -> tuple[datetime, int, int] | None:
+    if sub.status == "trialing":
+        assert sub.trial_end is not None
+        return (sub.trial_end, 1 if (sub.scheduled or sub.cancel_at_period_end) else 2, sub.order)
+    if sub.status != "active" or sub.current is None:
+        return None
+    b = sub.current.end
+    for stage in range(sub.stage + 1, 6):
+        if book._stage_relevant(sub, b, stage):
+            return (b, stage, sub.order)
+    return None
+
+
+def reference_subscription_mrr(book: Book, sub: Subscription, currency: str) -> Fraction:
+    if sub.status != "active":
+        return Fraction(0)
+    plan = book.catalog.plan(sub.items.plan)
+    base = Fraction(0)
+    for kind, code, qty in sub.items.priced():
+        base += price_quantity(item_of(book.catalog, kind, code), Fraction(qty), currency)
+    for cid in sub.active_coupons:
+        coupon = book.coupons[cid]
+        if coupon.percent is not None:
+            base -= base * coupon.percent
+        elif coupon.amount is not None:
+            base -= min(Fraction(coupon.amount), base)
+    recurring = base * monthly_factor(plan.interval, plan.interval_count)
+    return recurring + (sub.usage_mrr if book.settings.usage_in_mrr else Fraction(0))
+
+
+def reference_leg_levels(book: Book, customer: str) -> tuple[Decimal, dict[LegKey, Decimal]]:
+    acct = book.accounts[customer]
+    mode = book.settings.rounding
+    exact: dict[LegKey, Fraction] = {}
+    for sub_id in acct.subscriptions:
+        sub = book.subscriptions[sub_id]
+        amount = reference_subscription_mrr(book, sub, acct.currency)
+        if amount:
+            plan = book.catalog.plan(sub.items.plan)
+            exact[(sub.id, plan.code, plan.product)] = amount
+    total = round_money(sum(exact.values(), Fraction(0)), acct.currency, mode)
+    levels = {key: round_money(amount, acct.currency, mode) for key, amount in exact.items()}
+    residue = total - sum(levels.values(), Decimal(0))
+    if residue and levels:
+        largest = max(exact, key=lambda k: abs(exact[k]))
+        levels[largest] += residue
+    return total, {key: value for key, value in levels.items() if value}
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[p.stem for p in FIXTURES])
+def test_the_book_answers_as_the_plain_computations_after_every_command(scenario: Scenario) -> None:
+    book = Book(scenario.settings, scenario.catalog)
+    for index, event in enumerate(scenario.events):
+        try:
+            book.apply(event, index)
+        except BookError:
+            continue
+        for sub in book.subscriptions.values():
+            currency = book.accounts[sub.customer].currency
+            assert book._next_transition(sub) == reference_next_transition(book, sub)
+            assert book._subscription_mrr(sub, currency) == reference_subscription_mrr(book, sub, currency)
+            if sub.grid is not None:
+                for n in range(-2, 15):
+                    assert sub.grid.boundary(n) == reference_boundary(sub.grid, n)
+        for customer in book.accounts:
+            assert book._leg_levels(book.accounts[customer]) == reference_leg_levels(book, customer)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS[:20], ids=[p.stem for p in FIXTURES[:20]])
+def test_the_catalog_index_prices_as_price_quantity(scenario: Scenario) -> None:
+    catalog = scenario.catalog
+    index = CatalogIndex(catalog)
+    items = [("plan", p) for p in catalog.plans] + [("addon", a) for a in catalog.addons]
+    for kind, item in items:
+        assert index.item(kind, item.code) is item
+        for currency in sorted(item.currencies()):
+            for quantity in range(0, 40):
+                assert index.price(kind, item.code, currency, quantity) == price_quantity(
+                    item, Fraction(quantity), currency)
+    for plan in catalog.plans:
+        assert list(index.plan_metrics(plan.code)) == catalog.plan_metrics(plan)
+    with pytest.raises(KeyError) as expected:
+        catalog.plan("no-such-plan")
+    with pytest.raises(KeyError) as found:
+        index.plan("no-such-plan")
+    assert found.value.args == expected.value.args
+
+
+@given(
+    tz=st.sampled_from(ZONES),
+    interval=st.sampled_from(["day", "week", "month", "year"]),
+    count=st.integers(1, 3),
+    anchor=st.datetimes(min_value=datetime(2020, 1, 1), max_value=datetime(2030, 12, 31)),
+    fold=st.integers(0, 1),
+    billing_day=st.none() | st.integers(1, 31),
+    n=st.integers(-30, 60),
+)
+def test_memoized_boundaries_equal_the_relativedelta_formula(tz: str, interval: str, count: int, anchor: datetime,
+                                                             fold: int, billing_day: int | None, n: int) -> None:
+    if interval in ("day", "week"):
+        billing_day = None
+    wall = anchor.replace(fold=fold)
+    grid = Grid(tz, interval, count, wall, instant_of(wall, tz), billing_day)  # type: ignore[arg-type]
+    assert grid.boundary(n) == reference_boundary(grid, n)
+    other = Grid(tz, interval, count, anchor.replace(fold=1 - fold), instant_of(wall, tz), billing_day)  # type: ignore[arg-type]
+    assert other.boundary(n) == reference_boundary(other, n)  # a fold apart: never the other's memo
