@@ -152,18 +152,18 @@ def build(url: str, subscriptions: int, *, seed: int = 5) -> BuildFigures:
             movements = [m for o in outcomes for m in o.movements]
             uow.ledger.add_movements(movements, command_id)
             uow.ledger.add_links([link for o in outcomes for link in o.links], command_id)
-            view = service._view_of(book)
+            new_customers, new_subscriptions = service._changed(service._View(), service._view_of(book))
             uow.session.execute(insert(CustomerRow), [
                 {"id": c.id, "currency": c.currency, "tax_rate": c.tax_rate, "timezone": c.timezone,
                  "locale": c.locale, "name": c.name, "tags": c.tags, "mrr": _minor(c.mrr, c.currency),
                  "credit_balance": _minor(c.credit_balance, c.currency), "created_at": c.created_at,
-                 "updated_at": START, "version": 1} for c in view.customers.values()])
+                 "updated_at": START, "version": 1} for c in new_customers])
             uow.session.execute(insert(SubscriptionRow), [
                 {"id": s.id, "customer": s.customer, "plan": s.plan, "quantity": s.quantity, "addons": s.addons,
                  "status": s.status, "cancel_at_period_end": s.cancel_at_period_end, "scheduled": s.scheduled,
                  "trial_end": s.trial_end, "current_period_start": s.current_period_start,
                  "current_period_end": s.current_period_end, "ended_at": s.ended_at, "created_at": START,
-                 "updated_at": START, "version": 1} for s in view.subscriptions.values()])
+                 "updated_at": START, "version": 1} for s, _ in new_subscriptions])
             uow.parts.save_sequences(uow.parts.lock_sequences(Counters.names()), vars(counters))
             uow.parts.set_clock(START)
             uow.commit()

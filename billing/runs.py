@@ -249,17 +249,21 @@ def _plan(engine: Engine, ev: InvoiceRunEvent, *, actor: str, idempotency_key: s
 def _bill_batch(engine: Engine, run_id: int, command_id: int, ev: InvoiceRunEvent, *, index: int | None, batch: int,
                 clock: Callable[[], datetime], skip_locked: bool, fault: Callable[[int], None] | None,
                 number: int) -> _Batch | None:
-    from billing.service import _require_book, _view_of, save_parts
+    from billing.service import _changed, _require_book, _view_of, save_parts
 
     with UnitOfWork(engine, clock=clock) as uow:
         # A batch's numbers are taken in the transaction that writes it. With SKIP LOCKED claims
-        # (PostgreSQL) a batch computes first with provisional numbers and takes the real ones at
-        # the end, so workers compute in parallel; otherwise it takes the sequences first, and
-        # whoever holds them sees every batch committed before (no customer claimed twice).
+        # (PostgreSQL workers) a batch computes first with provisional numbers and takes the real
+        # ones at the end, so workers compute in parallel; otherwise it takes the sequences before
+        # it computes. On SQLite it takes them first: their write lock serialises the batches, so
+        # whoever holds it sees every batch committed before (no customer claimed twice). On
+        # PostgreSQL it claims its customers' run rows (SKIP LOCKED) and locks their parts
+        # (`load_parts`) before the sequences, the order every writer takes them in.
         late = skip_locked
-        if not late:
+        postgres = uow.parts.postgres
+        if not late and not postgres:
             uow.parts.lock_sequences(())
-        customers = uow.runs.claim(run_id, batch, skip_locked=skip_locked)
+        customers = uow.runs.claim(run_id, batch, skip_locked=skip_locked or postgres)
         if not customers:
             return None
         stored = _require_book(uow)
@@ -283,10 +287,8 @@ def _bill_batch(engine: Engine, run_id: int, command_id: int, ev: InvoiceRunEven
         uow.ledger.add_movements(outcome.movements, command_id, command_key=f"run:{run_id}:{number}:{customers[0]}")
         own_links = [(m.id, ref) for m in outcome.movements for ref in m.invoice_lines]
         uow.ledger.add_links([*own_links, *outcome.links], command_id)
-        after = _view_of(book)
-        uow.parts.update_views(
-            [c for k, c in after.customers.items() if before.customers.get(k) != c],
-            [v for k, v in after.subscriptions.items() if before.subscriptions.get(k) != v], now=now)
+        customers_changed, subscriptions_changed = _changed(before, _view_of(book))
+        uow.parts.update_views(customers_changed, [sub for sub, _ in subscriptions_changed], now=now)
         issued: dict[str, int] = {c: 0 for c in customers if c not in failed}
         for invoice in outcome.issued:
             issued[invoice.customer] = issued.get(invoice.customer, 0) + 1

@@ -108,20 +108,36 @@ class PartsRepository:
 
     # parts
 
-    def load(self, customers: Iterable[str] = (), *, transition_by: datetime | None = None) -> list[StoredPart]:
-        """The named customers' parts and those with a transition due by `transition_by`."""
+    @property
+    def postgres(self) -> bool:
+        return self.session.get_bind().dialect.name == "postgresql"
+
+    def load(self, customers: Iterable[str] = (), *, transition_by: datetime | None = None,
+             lock: bool = False) -> list[StoredPart]:
+        """The named customers' parts and those with a transition due by `transition_by`.
+
+        `lock` (PostgreSQL): the named customers' rows are locked until the transaction ends
+        (`FOR UPDATE`, in key order, so two lockers cannot deadlock on them); a locker waits for
+        whoever holds one and then reads it as committed."""
         names = sorted(set(customers))
         cols = (CustomerBookRow.customer, CustomerBookRow.position, CustomerBookRow.snapshot,
                 CustomerBookRow.version)
         found: dict[str, StoredPart] = {}
         for start in range(0, len(names), _CHUNK):
             chunk = names[start:start + _CHUNK]
-            for row in self.session.execute(select(*cols).where(CustomerBookRow.customer.in_(chunk))):
+            query = select(*cols).where(CustomerBookRow.customer.in_(chunk))
+            if lock:
+                query = query.order_by(CustomerBookRow.customer).with_for_update()
+            for row in self.session.execute(query):
                 found[row.customer] = StoredPart(row.customer, row.position, bytes(row.snapshot), row.version)
         if transition_by is not None:
             for row in self.session.execute(select(*cols).where(CustomerBookRow.transition_at <= transition_by)):
                 found[row.customer] = StoredPart(row.customer, row.position, bytes(row.snapshot), row.version)
         return sorted(found.values(), key=lambda p: p.position)
+
+    def transitions_by(self, at: datetime) -> list[str]:
+        """The customers with a transition due by `at`."""
+        return list(self.session.scalars(select(CustomerBookRow.customer).where(CustomerBookRow.transition_at <= at)))
 
     def due_customers(self, as_of: datetime) -> list[str]:
         return list(self.session.scalars(select(CustomerBookRow.customer).where(CustomerBookRow.due_at <= as_of)

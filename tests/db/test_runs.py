@@ -303,3 +303,80 @@ def test_a_change_that_comes_in_while_a_run_is_unfinished_is_neither_lost_nor_bi
     kinds = [line.kind for line in february.lines if line.subscription == sub]
     assert kinds.count("plan") == 1 and kinds.count("proration") == 2  # the change billed once, on that invoice
     assert [line.quantity for line in february.lines if line.subscription == sub and line.kind == "plan"] == [quantity]
+
+
+def test_a_change_to_a_customer_of_a_batch_waits_until_the_batch_commits(
+        db: Db, reference: list[tuple[Any, ...]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """PostgreSQL: a batch (computing without the sequence lock, as workers do) holds its
+    customers' `customer_books` rows from load to commit; a mid-cycle change on one of them
+    waits on that row lock, then reads what the batch wrote — it is applied once, on top of the
+    billed state, without losing a race (one attempt), and the run bills everyone once."""
+    import threading
+
+    from billing import service
+
+    if db.backend != "postgresql":
+        pytest.skip("row locks: on SQLite the batch holds the write lock, so every writer waits anyway")
+    build(db.url, SUBSCRIPTIONS)
+    attempts: list[int] = []
+    original = service._execute_once
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        attempts.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(service, "_execute_once", counted)
+    seen: dict[str, Any] = {}
+
+    def change(sub: str, quantity: int) -> None:
+        try:
+            service.change_quantity(db.engine, subscription=sub, quantity=quantity, at="2026-02-10", actor="sales")
+        except Exception as exc:  # noqa: BLE001 - reported to the test below
+            seen["error"] = exc
+
+    def fault(batch: int) -> None:
+        if batch != 0:
+            return
+        batch_session = _current["uow"].session  # this batch's transaction: its customers are done in it
+        customer, sub, quantity = batch_session.execute(text(
+            "SELECT s.customer, s.id, s.quantity FROM subscriptions s JOIN invoice_run_customers r "
+            "ON r.customer = s.customer WHERE r.state = 'done' AND s.plan = 'team' ORDER BY r.position LIMIT 1")).one()
+        batch_pid = batch_session.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        with db.engine.connect() as conn:
+            seen["version"] = conn.execute(text("SELECT version FROM customer_books WHERE customer = :c"),
+                                           {"c": customer}).scalar_one()
+        seen.update(customer=customer, sub=sub, quantity=quantity)
+        worker = threading.Thread(target=change, args=(sub, quantity + 5))
+        worker.start()
+        seen["thread"] = worker
+        waiting = 0
+        with db.engine.connect() as conn:
+            for _ in range(600):  # until the change queues behind this batch's row locks (no timing assumed)
+                waiting = conn.execute(text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE :batch = ANY(pg_blocking_pids(pid)) "
+                    "AND query LIKE 'SELECT customer_books.customer%'"), {"batch": batch_pid}).scalar_one()
+                if waiting or not worker.is_alive():
+                    break
+                conn.execute(text("SELECT pg_sleep(0.05)"))
+                conn.rollback()  # pg_stat_activity is read once per transaction
+        assert waiting == 1 and worker.is_alive(), seen.get("error")  # blocked behind this uncommitted batch
+
+    summary = run(db.engine, RUN, actor="t", batch=BATCH, skip_locked=True, fault=fault)
+    seen["thread"].join(timeout=120)
+    assert not seen["thread"].is_alive() and "error" not in seen
+    assert attempts == [1]  # it waited instead of losing a race
+    assert summary.state == "done" and summary.failed == []
+    _check_once_and_gap_free(db.url)
+    assert len(_invoices(db.url)) == len(reference)
+    with UnitOfWork(db.engine) as uow:
+        version = uow.session.execute(text("SELECT version FROM customer_books WHERE customer = :c"),
+                                      {"c": seen["customer"]}).scalar_one()
+        assert version == seen["version"] + 2  # the batch's write, then the change's on top of it
+        view = uow.view.subscription(seen["sub"])
+        assert view is not None and view.quantity == seen["quantity"] + 5
+        invoices = [i for i in uow.ledger.invoices(customer=seen["customer"]) if i.billing_date == "2026-02-01"]
+        assert [line.quantity for i in invoices for line in i.lines
+                if line.subscription == seen["sub"] and line.kind == "plan"] == [seen["quantity"]]
+        moved = [m for m in uow.ledger.movements(customer=seen["customer"])
+                 if m.at == datetime(2026, 2, 10, tzinfo=UTC)]
+        assert len(moved) == 1 and moved[0].type == "expansion"
