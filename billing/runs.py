@@ -97,12 +97,15 @@ class BatchUsage(BatchedUsage):
     time the book asks for a (metric, period), the aggregates of every subscription of the batch
     for it come from one grouped SQL query, never the events themselves into Python, so a batch's
     memory does not grow with its usage. `weighted_sum` asks per subscription; recording goes to
-    the database."""
+    the database. Its queries run on the batch's connection without SQLAlchemy's statement
+    cache: their text names each subscription of the batch, so every batch size would add an
+    entry (up to the cache's 500) and a run's memory would grow with its length."""
 
     def __init__(self, fallback: UsageSource, session: Any, book: Book, until: datetime) -> None:
         del fallback, until  # the batch's own session is the source; periods end where the book asks
-        super().__init__(session, [sub.id for sub in book.subscriptions.values()
-                                   if sub.usage_open is not None or sub.usage_unbilled])
+        super().__init__(session.connection().execution_options(compiled_cache=None),
+                         [sub.id for sub in book.subscriptions.values()
+                          if sub.usage_open is not None or sub.usage_unbilled])
 
 
 @dataclass
@@ -355,12 +358,12 @@ def _close(engine: Engine, run_id: int, command_id: int, summary: RunSummary, *,
         if summary.resumed:  # the invoices written before the resume count too
             summary.invoices = 0
             summary.totals, summary.credit_applied, summary.amount_due, summary.by_currency = {}, {}, {}, {}
-            for _number, cur, total, credit, due in uow.runs.invoices_of(command_id):
-                summary.invoices += 1
-                summary.by_currency[cur] = summary.by_currency.get(cur, 0) + 1
-                for target, value in ((summary.totals, total), (summary.credit_applied, credit),
-                                      (summary.amount_due, due)):
-                    target[cur] = target.get(cur, Decimal(0)) + from_minor(value, cur)
+            for cur, count, total, credit, due in uow.runs.totals_of(command_id):
+                summary.invoices += count
+                summary.by_currency[cur] = count
+                summary.totals[cur] = from_minor(total, cur)
+                summary.credit_applied[cur] = from_minor(credit, cur)
+                summary.amount_due[cur] = from_minor(due, cur)
     summary.seconds = time.perf_counter() - started
     return summary
 

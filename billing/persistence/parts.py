@@ -328,12 +328,14 @@ class RunRepository:
                              .where(InvoiceRunCustomerRow.run_id == run_id, InvoiceRunCustomerRow.state == "failed")
                              .values(state="pending").execution_options(synchronize_session=False))
 
-    def invoices_of(self, command_id: int) -> list[tuple[str, str, int, int, int]]:
-        """(number, currency, total, credit_applied, amount_due) of a run's invoices."""
+    def totals_of(self, command_id: int) -> list[tuple[str, int, int, int, int]]:
+        """(currency, invoices, total, credit_applied, amount_due) of a run's invoices, summed in
+        SQL (minor units are exact integers), so a run of any size reads one row per currency."""
         rows = self.session.execute(
-            select(InvoiceRow.number, InvoiceRow.currency, InvoiceRow.total, InvoiceRow.credit_applied,
-                   InvoiceRow.amount_due).where(InvoiceRow.command_id == command_id).order_by(InvoiceRow.seq))
-        return [(r.number, r.currency, int(r.total), int(r.credit_applied), int(r.amount_due)) for r in rows]
+            select(InvoiceRow.currency, func.count(), func.sum(InvoiceRow.total), func.sum(InvoiceRow.credit_applied),
+                   func.sum(InvoiceRow.amount_due)).where(InvoiceRow.command_id == command_id)
+            .group_by(InvoiceRow.currency).order_by(InvoiceRow.currency))
+        return [(cur, int(n), int(total), int(credit), int(due)) for cur, n, total, credit, due in rows]
 
 
 def _run(row: InvoiceRunRow) -> StoredRun:
