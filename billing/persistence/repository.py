@@ -108,7 +108,8 @@ class Bulk:
         self._instants: dict[datetime, Any] = {}
 
     def instant(self, value: datetime | None) -> Any:
-        """A timezone-aware instant as `UTCDateTime` stores it (naive UTC text on SQLite)."""
+        """A timezone-aware instant as `UTCDateTime` stores it: naive UTC text on SQLite, ISO 8601
+        UTC text for an array literal on PostgreSQL."""
         if value is None:
             return None
         found = self._instants.get(value)
@@ -116,8 +117,9 @@ class Bulk:
             if value.tzinfo is None or value.utcoffset() is None:
                 raise ValueError(f"naive datetime {value.isoformat()} where an instant was expected")
             utc = value.astimezone(UTC)
-            found = utc if self.postgres else (f"{utc.year:04d}-{utc.month:02d}-{utc.day:02d} {utc.hour:02d}:"
-                                               f"{utc.minute:02d}:{utc.second:02d}.{utc.microsecond:06d}")
+            found = utc.isoformat() if self.postgres else (
+                f"{utc.year:04d}-{utc.month:02d}-{utc.day:02d} "
+                f"{utc.hour:02d}:{utc.minute:02d}:{utc.second:02d}.{utc.microsecond:06d}")
             self._instants[value] = found
         return found
 
@@ -183,12 +185,23 @@ def _arrays(columns: Sequence[tuple[str, str]]) -> str:
     return ", ".join(f"%s::{kind}[]" for _, kind in columns)
 
 
-def _transpose(rows: Sequence[tuple[Any, ...]], columns: Sequence[tuple[str, str]]) -> tuple[list[Any], ...]:
-    out: tuple[list[Any], ...] = tuple([] for _ in columns)
-    for row in rows:
-        for target, value in zip(out, row, strict=True):
-            target.append(value)
-    return out
+def _transpose(rows: Sequence[tuple[Any, ...]], columns: Sequence[tuple[str, str]]) -> tuple[Any, ...]:
+    """One parameter per column: an array literal in PostgreSQL's text form (built here, several
+    times faster than the driver adapting a list element by element)."""
+    return tuple(_array_literal(values, kind)
+                 for values, (_, kind) in zip(zip(*rows, strict=True), columns, strict=True))
+
+
+def _array_literal(values: Sequence[Any], kind: str) -> str:
+    """`{…}` of the values: strings double-quoted with `\\` and `"` escaped, bytes in bytea's hex
+    form; other values (numbers, booleans, ISO dates and instants: no spaces, commas, quotes or
+    braces) bare, so `str(None)` is the only way to spell `None` there and becomes NULL."""
+    if kind == "bytea":
+        return "{" + ",".join(["NULL" if v is None else '"\\\\x' + v.hex() + '"' for v in values]) + "}"
+    if kind in ("text", "json"):
+        return "{" + ",".join(["NULL" if v is None else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+                               for v in values]) + "}"
+    return "{" + ",".join(map(str, values)).replace("None", "NULL") + "}"
 
 
 # --- engine state -----------------------------------------------------------------------------
