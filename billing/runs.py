@@ -6,7 +6,14 @@ works through the pending customers in creation order, a batch at a time; each b
 transaction: load the batch's customer parts in one query, assemble a book of them
 (billing.shards), apply the run with the pure core, take the invoice numbers from the locked
 `number_sequences` row, write parts, invoices, lines, billed periods, movements and links with
-executemany, and mark the batch's customers done — or nothing at all if anything fails.
+one statement per table (`billing.persistence.repository.Bulk`), and mark the batch's customers
+done — or nothing at all if anything fails.
+
+- **One customer, one writer.** On PostgreSQL a batch locks its customers' `customer_books` rows
+  when it loads them (`FOR UPDATE`, key order) and holds them until it commits, so a command on
+  one of them waits for the batch and then reads what it wrote; every writer locks customers
+  before the sequences (`billing.service.load_parts`), so none waits in a cycle. On SQLite the
+  write lock, taken first, serialises every writer.
 
 - **Resume.** A run killed at any point (even `kill -9`) is resumed by the same command: the
   unfinished run at that `as_of` carries on with its pending customers; customers marked done
