@@ -380,3 +380,71 @@ def test_a_change_to_a_customer_of_a_batch_waits_until_the_batch_commits(
         moved = [m for m in uow.ledger.movements(customer=seen["customer"])
                  if m.at == datetime(2026, 2, 10, tzinfo=UTC)]
         assert len(moved) == 1 and moved[0].type == "expansion"
+
+
+def test_bulk_rows_are_stored_exactly_as_sqlalchemy_stores_them(db: Db) -> None:
+    """`Bulk` (executemany on SQLite, array literals on PostgreSQL) stores every value kind the
+    run writes — text with quotes, backslashes, commas, braces and newlines, big integers, exact
+    decimals, instants in any zone with microseconds, dates, booleans, JSON, bytes, NULLs — as
+    the column types do through SQLAlchemy, inserted and updated."""
+    from datetime import date
+    from decimal import Decimal
+    from zoneinfo import ZoneInfo
+
+    from sqlalchemy import JSON, BigInteger, Boolean, Column, Date, Integer, LargeBinary, MetaData, Table, Text
+
+    from billing.persistence.repository import Bulk
+    from billing.persistence.types import ExactDecimal
+
+    meta = MetaData()
+    kinds = (("s", "text"), ("n", "bigint"), ("d", "numeric"), ("t", "timestamptz"), ("day", "date"),
+             ("b", "boolean"), ("j", "json"), ("blob", "bytea"))
+
+    def table(name: str) -> Table:
+        return Table(name, meta, Column("k", Integer, primary_key=True), Column("s", Text), Column("n", BigInteger),
+                     Column("d", ExactDecimal()), Column("t", UTCDateTime()), Column("day", Date),
+                     Column("b", Boolean), Column("j", JSON), Column("blob", LargeBinary))
+
+    table("bulk_ours")
+    theirs = table("bulk_theirs")
+    meta.create_all(db.engine)
+    values = [
+        (1, "plain", 5, Decimal("50.00"), datetime(2026, 2, 1, tzinfo=UTC), date(2026, 2, 1), True, {"a": 1},
+         b"\x00\\\"x"),
+        (2, 'q"uo\\te, {brace} NULL\n\ttab é', -2**40, Decimal("1E+2"),
+         datetime(2026, 3, 1, 1, 2, 3, 456789, tzinfo=ZoneInfo("America/New_York")), None, False, ["x", None], b""),
+        (3, None, None, None, None, None, None, None, None),
+    ]
+    changed = [(2, "", 7, Decimal("0.0020"), datetime(2026, 1, 31, 23, 59, tzinfo=UTC), date(2027, 1, 1), True,
+                {"b": '"'}, b"\x01")]
+
+    def plain(row: tuple[Any, ...]) -> dict[str, Any]:
+        return dict(zip(("k", *(name for name, _ in kinds)), row, strict=True))
+
+    with UnitOfWork(db.engine) as uow:
+        connection = uow.session.connection()
+        connection.execute(theirs.insert(), [plain(r) for r in values])
+        connection.execute(theirs.update().where(theirs.c.k == 2), plain(changed[0]))
+        bulk = Bulk(uow.session)
+
+        def converted(row: tuple[Any, ...]) -> tuple[Any, ...]:
+            k, s, n, d, t, day, b, j, blob = row
+            return (k, s, n, bulk.decimal(d), bulk.instant(t), bulk.day(day),
+                    None if b is None else bulk.flag(b), bulk.json(j), blob)
+
+        bulk.insert("bulk_ours", (("k", "integer"), *kinds), [converted(r) for r in values])
+        assert bulk.update("bulk_ours", (("k", "integer"),), kinds, [converted(r) for r in changed]) == 1
+        uow.commit()
+
+    def stored(name: str) -> list[tuple[Any, ...]]:
+        if db.backend == "postgresql":
+            query = (f"SELECT k, s, n::text, d::text, t::text, day::text, b::text, j::text, "  # noqa: S608
+                     f"encode(blob, 'hex') FROM {name} ORDER BY k")
+        else:
+            query = (f"SELECT k, s, typeof(n), n, typeof(d), d, typeof(t), t, typeof(day), day, "  # noqa: S608
+                     f"typeof(b), b, j, typeof(blob), hex(blob) FROM {name} ORDER BY k")
+        with db.engine.connect() as conn:
+            return [tuple(r) for r in conn.exec_driver_sql(query)]
+
+    assert stored("bulk_ours") == stored("bulk_theirs")
+    assert len(stored("bulk_ours")) == 3
