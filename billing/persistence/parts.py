@@ -187,7 +187,7 @@ class PartsRepository:
 
     def update_views(self, customers: Sequence[CustomerView], subscriptions: Sequence[SubscriptionView], *,
                      now: datetime) -> None:
-        """Update existing customer and subscription view rows in two executemany statements,
+        """Update existing customer and subscription view rows in one statement each (`Bulk`),
         bumping their versions (the rows exist: a run creates no customer or subscription)."""
         bulk = Bulk(self.session)
         stamp = bulk.instant(now)
