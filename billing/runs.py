@@ -6,7 +6,14 @@ works through the pending customers in creation order, a batch at a time; each b
 transaction: load the batch's customer parts in one query, assemble a book of them
 (billing.shards), apply the run with the pure core, take the invoice numbers from the locked
 `number_sequences` row, write parts, invoices, lines, billed periods, movements and links with
-executemany, and mark the batch's customers done — or nothing at all if anything fails.
+one statement per table (`billing.persistence.repository.Bulk`), and mark the batch's customers
+done — or nothing at all if anything fails.
+
+- **One customer, one writer.** On PostgreSQL a batch locks its customers' `customer_books` rows
+  when it loads them (`FOR UPDATE`, key order) and holds them until it commits, so a command on
+  one of them waits for the batch and then reads what it wrote; every writer locks customers
+  before the sequences (`billing.service.load_parts`), so none waits in a cycle. On SQLite the
+  write lock, taken first, serialises every writer.
 
 - **Resume.** A run killed at any point (even `kill -9`) is resumed by the same command: the
   unfinished run at that `as_of` carries on with its pending customers; customers marked done
@@ -97,12 +104,15 @@ class BatchUsage(BatchedUsage):
     time the book asks for a (metric, period), the aggregates of every subscription of the batch
     for it come from one grouped SQL query, never the events themselves into Python, so a batch's
     memory does not grow with its usage. `weighted_sum` asks per subscription; recording goes to
-    the database."""
+    the database. Its queries run on the batch's connection without SQLAlchemy's statement
+    cache: their text names each subscription of the batch, so every batch size would add an
+    entry (up to the cache's 500) and a run's memory would grow with its length."""
 
     def __init__(self, fallback: UsageSource, session: Any, book: Book, until: datetime) -> None:
         del fallback, until  # the batch's own session is the source; periods end where the book asks
-        super().__init__(session, [sub.id for sub in book.subscriptions.values()
-                                   if sub.usage_open is not None or sub.usage_unbilled])
+        super().__init__(session.connection().execution_options(compiled_cache=None),
+                         [sub.id for sub in book.subscriptions.values()
+                          if sub.usage_open is not None or sub.usage_unbilled])
 
 
 @dataclass
@@ -249,17 +259,21 @@ def _plan(engine: Engine, ev: InvoiceRunEvent, *, actor: str, idempotency_key: s
 def _bill_batch(engine: Engine, run_id: int, command_id: int, ev: InvoiceRunEvent, *, index: int | None, batch: int,
                 clock: Callable[[], datetime], skip_locked: bool, fault: Callable[[int], None] | None,
                 number: int) -> _Batch | None:
-    from billing.service import _require_book, _view_of, save_parts
+    from billing.service import _changed, _require_book, _view_of, save_parts
 
     with UnitOfWork(engine, clock=clock) as uow:
         # A batch's numbers are taken in the transaction that writes it. With SKIP LOCKED claims
-        # (PostgreSQL) a batch computes first with provisional numbers and takes the real ones at
-        # the end, so workers compute in parallel; otherwise it takes the sequences first, and
-        # whoever holds them sees every batch committed before (no customer claimed twice).
+        # (PostgreSQL workers) a batch computes first with provisional numbers and takes the real
+        # ones at the end, so workers compute in parallel; otherwise it takes the sequences before
+        # it computes. On SQLite it takes them first: their write lock serialises the batches, so
+        # whoever holds it sees every batch committed before (no customer claimed twice). On
+        # PostgreSQL it claims its customers' run rows (SKIP LOCKED) and locks their parts
+        # (`load_parts`) before the sequences, the order every writer takes them in.
         late = skip_locked
-        if not late:
+        postgres = uow.parts.postgres
+        if not late and not postgres:
             uow.parts.lock_sequences(())
-        customers = uow.runs.claim(run_id, batch, skip_locked=skip_locked)
+        customers = uow.runs.claim(run_id, batch, skip_locked=skip_locked or postgres)
         if not customers:
             return None
         stored = _require_book(uow)
@@ -283,10 +297,8 @@ def _bill_batch(engine: Engine, run_id: int, command_id: int, ev: InvoiceRunEven
         uow.ledger.add_movements(outcome.movements, command_id, command_key=f"run:{run_id}:{number}:{customers[0]}")
         own_links = [(m.id, ref) for m in outcome.movements for ref in m.invoice_lines]
         uow.ledger.add_links([*own_links, *outcome.links], command_id)
-        after = _view_of(book)
-        uow.parts.update_views(
-            [c for k, c in after.customers.items() if before.customers.get(k) != c],
-            [v for k, v in after.subscriptions.items() if before.subscriptions.get(k) != v], now=now)
+        customers_changed, subscriptions_changed = _changed(before, _view_of(book))
+        uow.parts.update_views(customers_changed, [sub for sub, _ in subscriptions_changed], now=now)
         issued: dict[str, int] = {c: 0 for c in customers if c not in failed}
         for invoice in outcome.issued:
             issued[invoice.customer] = issued.get(invoice.customer, 0) + 1
@@ -353,12 +365,12 @@ def _close(engine: Engine, run_id: int, command_id: int, summary: RunSummary, *,
         if summary.resumed:  # the invoices written before the resume count too
             summary.invoices = 0
             summary.totals, summary.credit_applied, summary.amount_due, summary.by_currency = {}, {}, {}, {}
-            for _number, cur, total, credit, due in uow.runs.invoices_of(command_id):
-                summary.invoices += 1
-                summary.by_currency[cur] = summary.by_currency.get(cur, 0) + 1
-                for target, value in ((summary.totals, total), (summary.credit_applied, credit),
-                                      (summary.amount_due, due)):
-                    target[cur] = target.get(cur, Decimal(0)) + from_minor(value, cur)
+            for cur, count, total, credit, due in uow.runs.totals_of(command_id):
+                summary.invoices += count
+                summary.by_currency[cur] = count
+                summary.totals[cur] = from_minor(total, cur)
+                summary.credit_applied[cur] = from_minor(credit, cur)
+                summary.amount_due[cur] = from_minor(due, cur)
     summary.seconds = time.perf_counter() - started
     return summary
 

@@ -33,7 +33,7 @@ from billing.book import Book, BookError, Outcome
 from billing.catalog import Catalog
 from billing.expect import Report
 from billing.expect import check as check_expect
-from billing.money import round_money
+from billing.money import RoundingMode, round_money
 from billing.persistence import (
     ConcurrentModification,
     CustomerView,
@@ -324,16 +324,32 @@ def _execute_once(engine: Engine, ev: Event, payload: dict[str, Any], *, actor: 
 def load_parts(uow: UnitOfWork, stored: StoredBook, ev: Event, customers: Sequence[str] | None = None,
                *, lock: bool = True) -> tuple[Book, dict[str, int], dict[str, int]]:
     """A book of the customers `ev` names (or exactly `customers`) and of every customer with a
-    transition due by its time (billing.shards), with the shared counters locked for this
-    transaction (unless `lock` is false: a run batch on PostgreSQL computes first and takes the
-    numbers at the end); also the versions loaded and the counters as they were."""
-    sequences = uow.parts.lock_sequences(Counters.names()) if lock else uow.parts.sequences()
+    transition due by its time (billing.shards); also the versions loaded and the counters as
+    they were.
+
+    Locks, in one order for every writer so that none waits for another in a cycle: on
+    PostgreSQL first the loaded customers' `customer_books` rows (`FOR UPDATE`, in key order:
+    a run batch holds its customers for its whole transaction, and a command on one of them
+    waits until the batch commits, then reads what it wrote), then the shared counters; on
+    SQLite the counters, whose write lock serialises every writer. `lock` false leaves the
+    counters unlocked (a run batch on PostgreSQL computes first and takes them at the end)."""
+    postgres = uow.parts.postgres
+    sequences = uow.parts.lock_sequences(Counters.names()) if lock and not postgres else {}
     if customers is None:
         named = customers_of(ev, subscription_owner=lambda s: uow.parts.subscription_owners([s]).get(s),
                              invoice_owner=uow.parts.invoice_owner)
-        stored_parts = uow.parts.load(named, transition_by=ev.at)
+        if postgres:
+            stored_parts = uow.parts.load({*named, *uow.parts.transitions_by(ev.at)}, lock=True)
+        else:
+            stored_parts = uow.parts.load(named, transition_by=ev.at)
     else:
-        stored_parts = uow.parts.load(customers)
+        stored_parts = uow.parts.load(customers, lock=postgres)
+    if postgres or not lock:
+        sequences = uow.parts.lock_sequences(Counters.names()) if lock else uow.parts.sequences()
+    if postgres and customers is None and lock:
+        loaded = {p.customer for p in stored_parts}
+        if any(c not in loaded for c in uow.parts.transitions_by(ev.at)):
+            raise ConcurrentModification("a customer's transition came due while the command loaded; retry")
     counters = Counters(**{k: v for k, v in sequences.items() if k in Counters.names()})
     book = assemble(Book(stored.settings, stored.catalog), [CustomerPart.loads(p.snapshot) for p in stored_parts],
                     counters, uow.parts.clock())
@@ -907,43 +923,63 @@ def _recorded_outcome(uow: UnitOfWork, command: StoredCommand) -> Outcome:
 
 @dataclass
 class _View:
-    customers: dict[str, CustomerView] = field(default_factory=dict)
-    subscriptions: dict[str, SubscriptionView] = field(default_factory=dict)
+    """What the view rows of the book's customers and subscriptions are made of, as plain tuples
+    (cheap to take and compare, and not changed by later changes to the book); a row is built
+    from them only where they differ (`_changed`), and written only if the row differs too."""
+
+    rounding: RoundingMode = "half_up"
+    customers: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    subscriptions: dict[str, tuple[Any, ...]] = field(default_factory=dict)
 
 
 def _view_of(book: Book) -> _View:
     """The customers and subscriptions as the book holds them now."""
-    view = _View()
-    mode = book.settings.rounding
-    for acct in book.accounts.values():
-        view.customers[acct.id] = CustomerView(
-            id=acct.id,
-            currency=acct.currency,
-            tax_rate=acct.tax_rate,
-            timezone=acct.tz,
-            locale=acct.locale,
-            name=acct.name,
-            tags=dict(acct.tags),
-            mrr=round_money(acct.mrr, acct.currency, mode),
-            credit_balance=round_money(acct.credit, acct.currency, mode),
-            created_at=acct.created_at,
-        )
-    for sub in book.subscriptions.values():
-        view.subscriptions[sub.id] = SubscriptionView(
-            id=sub.id,
-            customer=sub.customer,
-            plan=sub.items.plan,
-            quantity=sub.items.quantity,
-            addons=dict(sub.items.addons),
-            status=sub.status,
-            cancel_at_period_end=sub.cancel_at_period_end,
-            scheduled=[_plain(s) for s in sub.scheduled],
-            trial_end=sub.trial_end,
-            current_period_start=None if sub.current is None else sub.current.start,
-            current_period_end=None if sub.current is None else sub.current.end,
-            ended_at=sub.ended_at,
-        )
-    return view
+    return _View(
+        book.settings.rounding,
+        {acct.id: (acct.id, acct.currency, acct.tax_rate, acct.tz, acct.locale, acct.name, tuple(acct.tags.items()),
+                   acct.mrr, acct.credit, acct.created_at) for acct in book.accounts.values()},
+        {sub.id: (sub.id, sub.customer, sub.items.plan, sub.items.quantity, tuple(sub.items.addons.items()),
+                  sub.status, sub.cancel_at_period_end,
+                  tuple(tuple(_plain(s).items()) for s in sub.scheduled) if sub.scheduled else (),
+                  sub.trial_end, None if sub.current is None else sub.current.start,
+                  None if sub.current is None else sub.current.end, sub.ended_at)
+         for sub in book.subscriptions.values()})
+
+
+def _customer_view(key: tuple[Any, ...], mode: RoundingMode) -> CustomerView:
+    id_, currency, tax_rate, tz, locale, name, tags, mrr, credit, created_at = key
+    return CustomerView(id=id_, currency=currency, tax_rate=tax_rate, timezone=tz, locale=locale, name=name,
+                        tags=dict(tags), mrr=round_money(mrr, currency, mode),
+                        credit_balance=round_money(credit, currency, mode), created_at=created_at)
+
+
+def _subscription_view(key: tuple[Any, ...]) -> SubscriptionView:
+    id_, customer, plan, quantity, addons, status, cancel, scheduled, trial_end, start, end, ended_at = key
+    return SubscriptionView(id=id_, customer=customer, plan=plan, quantity=quantity, addons=dict(addons),
+                            status=status, cancel_at_period_end=cancel, scheduled=[dict(s) for s in scheduled],
+                            trial_end=trial_end, current_period_start=start, current_period_end=end,
+                            ended_at=ended_at)
+
+
+def _changed(before: _View, after: _View) -> tuple[list[CustomerView], list[tuple[SubscriptionView, bool]]]:
+    """The customer rows and the subscription rows (with whether each is new) that differ
+    between two views, in the book's order."""
+    mode = after.rounding
+    customers: list[CustomerView] = []
+    for key, now in after.customers.items():
+        was = before.customers.get(key)
+        if was != now:
+            view = _customer_view(now, mode)
+            if was is None or _customer_view(was, before.rounding) != view:
+                customers.append(view)
+    subscriptions: list[tuple[SubscriptionView, bool]] = []
+    for key, now in after.subscriptions.items():
+        was = before.subscriptions.get(key)
+        if was != now:
+            sub = _subscription_view(now)
+            if was is None or _subscription_view(was) != sub:
+                subscriptions.append((sub, was is None))
+    return customers, subscriptions
 
 
 def _plain(change: Any) -> dict[str, Any]:
@@ -959,12 +995,8 @@ def _plain(change: Any) -> dict[str, Any]:
 def _refresh_view(uow: UnitOfWork, before: _View, after: _View, *, at: datetime, now: datetime) -> None:
     """Write the customers and subscriptions whose view changed (customers first: the
     subscriptions reference them). New subscriptions are dated at the command's time."""
-    for key, customer in after.customers.items():
-        if before.customers.get(key) != customer:
-            uow.view.put_customer(customer, now=now)
-    for key, sub in after.subscriptions.items():
-        previous = before.subscriptions.get(key)
-        if previous is None:
-            uow.view.put_subscription(replace(sub, created_at=at), now=now)
-        elif previous != sub:
-            uow.view.put_subscription(sub, now=now)
+    customers, subscriptions = _changed(before, after)
+    for customer in customers:
+        uow.view.put_customer(customer, now=now)
+    for sub, new in subscriptions:
+        uow.view.put_subscription(replace(sub, created_at=at) if new else sub, now=now)

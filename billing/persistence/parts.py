@@ -7,26 +7,32 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Integer, String, Table, and_, bindparam, func, insert, literal, or_, select, update
+from sqlalchemy import Integer, String, bindparam, func, insert, literal, or_, select, update
 from sqlalchemy.orm import Session
 
 from billing.money import to_minor
-from billing.persistence.repository import ConcurrentModification, CustomerView, SubscriptionView
+from billing.persistence.repository import Bulk, ConcurrentModification, CustomerView, SubscriptionView
 from billing.persistence.run_tables import (
-    BilledPeriodRow,
     CustomerBookRow,
     InvoiceRunCustomerRow,
     InvoiceRunRow,
     NumberSequenceRow,
 )
-from billing.persistence.tables import BookStateRow, CustomerRow, InvoiceRow, SubscriptionRow, UsageEventRow
+from billing.persistence.tables import BookStateRow, InvoiceRow, SubscriptionRow, UsageEventRow
 from billing.records import Invoice
 from billing.usage import Measured
 
 _CHUNK = 500
 PREFIXES = {"invoice": "INV-", "credit_note": "CN-"}
+SUBSCRIPTION_VIEW_COLUMNS = (
+    ("plan", "text"), ("quantity", "bigint"), ("addons", "json"), ("status", "text"),
+    ("cancel_at_period_end", "boolean"), ("scheduled", "json"), ("trial_end", "timestamptz"),
+    ("current_period_start", "timestamptz"), ("current_period_end", "timestamptz"), ("ended_at", "timestamptz"),
+    ("updated_at", "timestamptz"))
+BILLED_PERIOD_COLUMNS = (("subscription", "text"), ("kind", "text"), ("period_start", "timestamptz"),
+                         ("period_end", "timestamptz"), ("invoice_number", "text"))
 
 
 @dataclass(frozen=True)
@@ -102,20 +108,36 @@ class PartsRepository:
 
     # parts
 
-    def load(self, customers: Iterable[str] = (), *, transition_by: datetime | None = None) -> list[StoredPart]:
-        """The named customers' parts and those with a transition due by `transition_by`."""
+    @property
+    def postgres(self) -> bool:
+        return self.session.get_bind().dialect.name == "postgresql"
+
+    def load(self, customers: Iterable[str] = (), *, transition_by: datetime | None = None,
+             lock: bool = False) -> list[StoredPart]:
+        """The named customers' parts and those with a transition due by `transition_by`.
+
+        `lock` (PostgreSQL): the named customers' rows are locked until the transaction ends
+        (`FOR UPDATE`, in key order, so two lockers cannot deadlock on them); a locker waits for
+        whoever holds one and then reads it as committed."""
         names = sorted(set(customers))
         cols = (CustomerBookRow.customer, CustomerBookRow.position, CustomerBookRow.snapshot,
                 CustomerBookRow.version)
         found: dict[str, StoredPart] = {}
         for start in range(0, len(names), _CHUNK):
             chunk = names[start:start + _CHUNK]
-            for row in self.session.execute(select(*cols).where(CustomerBookRow.customer.in_(chunk))):
+            query = select(*cols).where(CustomerBookRow.customer.in_(chunk))
+            if lock:
+                query = query.order_by(CustomerBookRow.customer).with_for_update()
+            for row in self.session.execute(query):
                 found[row.customer] = StoredPart(row.customer, row.position, bytes(row.snapshot), row.version)
         if transition_by is not None:
             for row in self.session.execute(select(*cols).where(CustomerBookRow.transition_at <= transition_by)):
                 found[row.customer] = StoredPart(row.customer, row.position, bytes(row.snapshot), row.version)
         return sorted(found.values(), key=lambda p: p.position)
+
+    def transitions_by(self, at: datetime) -> list[str]:
+        """The customers with a transition due by `at`."""
+        return list(self.session.scalars(select(CustomerBookRow.customer).where(CustomerBookRow.transition_at <= at)))
 
     def due_customers(self, as_of: datetime) -> list[str]:
         return list(self.session.scalars(select(CustomerBookRow.customer).where(CustomerBookRow.due_at <= as_of)
@@ -136,21 +158,13 @@ class PartsRepository:
         old = [w for w in writes if w.version is not None]
         if not old:
             return
-        table = cast(Table, CustomerBookRow.__table__)
-        statement = (
-            update(table)
-            .where(and_(table.c.customer == _bind("b_customer"), table.c.version == _bind("b_version")))
-            .values(snapshot=_bind("b_snapshot"), version=table.c.version + 1,
-                    transition_at=_bind("b_transition_at"), due_at=_bind("b_due_at"))
-        )
-        params = [{"b_customer": w.customer, "b_version": w.version, "b_snapshot": w.snapshot,
-                   "b_transition_at": w.transition_at, "b_due_at": w.due_at} for w in old]
-        connection = self.session.connection()
-        if connection.dialect.supports_sane_multi_rowcount:
-            result = connection.execute(statement, params)
-            changed = result.rowcount
-        else:
-            changed = sum(connection.execute(statement, p).rowcount for p in params)
+        bulk = Bulk(self.session)
+        changed = bulk.update(
+            "customer_books", (("customer", "text"),),
+            (("snapshot", "bytea"), ("transition_at", "timestamptz"), ("due_at", "timestamptz")),
+            [(w.customer, w.snapshot, bulk.instant(w.transition_at), bulk.instant(w.due_at), w.version)
+             for w in old],
+            extra="version = customer_books.version + 1", check="version")
         if changed != len(old):
             raise ConcurrentModification(
                 "a customer changed since it was loaded (another command or run won); retry")
@@ -173,30 +187,19 @@ class PartsRepository:
 
     def update_views(self, customers: Sequence[CustomerView], subscriptions: Sequence[SubscriptionView], *,
                      now: datetime) -> None:
-        """Update existing customer and subscription view rows in two executemany statements,
+        """Update existing customer and subscription view rows in one statement each (`Bulk`),
         bumping their versions (the rows exist: a run creates no customer or subscription)."""
-        connection = self.session.connection()
-        if customers:
-            table = cast(Table, CustomerRow.__table__)
-            connection.execute(
-                update(table).where(table.c.id == _bind("b_id")).values(
-                    mrr=_bind("b_mrr"), credit_balance=_bind("b_credit"), updated_at=now,
-                    version=table.c.version + 1),
-                [{"b_id": c.id, "b_mrr": to_minor(c.mrr, c.currency),
-                  "b_credit": to_minor(c.credit_balance, c.currency)} for c in customers])
-        if subscriptions:
-            table = cast(Table, SubscriptionRow.__table__)
-            connection.execute(
-                update(table).where(table.c.id == _bind("b_id")).values(
-                    plan=_bind("b_plan"), quantity=_bind("b_quantity"), addons=_bind("b_addons"),
-                    status=_bind("b_status"), cancel_at_period_end=_bind("b_cancel"),
-                    scheduled=_bind("b_scheduled"), trial_end=_bind("b_trial_end"),
-                    current_period_start=_bind("b_start"), current_period_end=_bind("b_end"),
-                    ended_at=_bind("b_ended_at"), updated_at=now, version=table.c.version + 1),
-                [{"b_id": v.id, "b_plan": v.plan, "b_quantity": v.quantity, "b_addons": dict(v.addons),
-                  "b_status": v.status, "b_cancel": v.cancel_at_period_end, "b_scheduled": list(v.scheduled),
-                  "b_trial_end": v.trial_end, "b_start": v.current_period_start, "b_end": v.current_period_end,
-                  "b_ended_at": v.ended_at} for v in subscriptions])
+        bulk = Bulk(self.session)
+        stamp = bulk.instant(now)
+        bulk.update("customers", (("id", "text"),), (("mrr", "bigint"), ("credit_balance", "bigint"),
+                                                      ("updated_at", "timestamptz")),
+                    [(c.id, to_minor(c.mrr, c.currency), to_minor(c.credit_balance, c.currency), stamp)
+                     for c in customers], extra="version = customers.version + 1")
+        bulk.update("subscriptions", (("id", "text"),), SUBSCRIPTION_VIEW_COLUMNS, [
+            (v.id, v.plan, v.quantity, bulk.json(dict(v.addons)), v.status, bulk.flag(v.cancel_at_period_end),
+             bulk.json(list(v.scheduled)), bulk.instant(v.trial_end), bulk.instant(v.current_period_start),
+             bulk.instant(v.current_period_end), bulk.instant(v.ended_at), stamp) for v in subscriptions],
+            extra="version = subscriptions.version + 1")
 
     # never twice
 
@@ -210,10 +213,9 @@ class PartsRepository:
                         and line.period_start is not None and line.period_end is not None:
                     kind = "usage" if line.kind == "usage" else "licensed"
                     rows.setdefault((line.subscription, kind, line.period_start, line.period_end), invoice.number)
-        if rows:
-            self.session.connection().execute(insert(cast(Table, BilledPeriodRow.__table__)), [
-                {"subscription": s, "kind": k, "period_start": a, "period_end": b, "invoice_number": n}
-                for (s, k, a, b), n in rows.items()])
+        bulk = Bulk(self.session)
+        bulk.insert("billed_periods", BILLED_PERIOD_COLUMNS, [
+            (s, k, bulk.instant(a), bulk.instant(b), n) for (s, k, a, b), n in rows.items()])
 
 
 def _bind(name: str) -> Any:
@@ -296,18 +298,15 @@ class RunRepository:
         return list(self.session.scalars(query))
 
     def finish(self, run_id: int, done: dict[str, int], failed: dict[str, str]) -> None:
-        table = cast(Table, InvoiceRunCustomerRow.__table__)
-        connection = self.session.connection()
-        if done:
-            connection.execute(
-                update(table).where(and_(table.c.run_id == run_id, table.c.customer == _bind("b_customer")))
-                .values(state="done", invoices=_bind("b_invoices"), attempts=table.c.attempts + 1, error=None),
-                [{"b_customer": c, "b_invoices": n} for c, n in done.items()])
-        if failed:
-            connection.execute(
-                update(table).where(and_(table.c.run_id == run_id, table.c.customer == _bind("b_customer")))
-                .values(state="failed", attempts=table.c.attempts + 1, error=_bind("b_error")),
-                [{"b_customer": c, "b_error": e} for c, e in failed.items()])
+        """Mark the batch's customers done (with their invoice counts) or failed (with the reason)."""
+        bulk = Bulk(self.session)
+        keys = (("run_id", "integer"), ("customer", "text"))
+        bulk.update("invoice_run_customers", keys, (("state", "text"), ("invoices", "integer"), ("error", "text")),
+                    [(run_id, c, "done", n, None) for c, n in done.items()],
+                    extra="attempts = invoice_run_customers.attempts + 1")
+        bulk.update("invoice_run_customers", keys, (("state", "text"), ("error", "text")),
+                    [(run_id, c, "failed", e) for c, e in failed.items()],
+                    extra="attempts = invoice_run_customers.attempts + 1")
 
     def progress(self, run_id: int) -> dict[str, int]:
         rows = self.session.execute(
@@ -329,12 +328,14 @@ class RunRepository:
                              .where(InvoiceRunCustomerRow.run_id == run_id, InvoiceRunCustomerRow.state == "failed")
                              .values(state="pending").execution_options(synchronize_session=False))
 
-    def invoices_of(self, command_id: int) -> list[tuple[str, str, int, int, int]]:
-        """(number, currency, total, credit_applied, amount_due) of a run's invoices."""
+    def totals_of(self, command_id: int) -> list[tuple[str, int, int, int, int]]:
+        """(currency, invoices, total, credit_applied, amount_due) of a run's invoices, summed in
+        SQL (minor units are exact integers), so a run of any size reads one row per currency."""
         rows = self.session.execute(
-            select(InvoiceRow.number, InvoiceRow.currency, InvoiceRow.total, InvoiceRow.credit_applied,
-                   InvoiceRow.amount_due).where(InvoiceRow.command_id == command_id).order_by(InvoiceRow.seq))
-        return [(r.number, r.currency, int(r.total), int(r.credit_applied), int(r.amount_due)) for r in rows]
+            select(InvoiceRow.currency, func.count(), func.sum(InvoiceRow.total), func.sum(InvoiceRow.credit_applied),
+                   func.sum(InvoiceRow.amount_due)).where(InvoiceRow.command_id == command_id)
+            .group_by(InvoiceRow.currency).order_by(InvoiceRow.currency))
+        return [(cur, int(n), int(total), int(credit), int(due)) for cur, n, total, credit, due in rows]
 
 
 def _run(row: InvoiceRunRow) -> StoredRun:

@@ -7,16 +7,18 @@ this boundary as `Decimal` already rounded to its currency and is stored as inte
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
 from pydantic import TypeAdapter
-from sqlalchemy import Select, and_, func, insert, select, update
+from sqlalchemy import Select, and_, func, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from billing.catalog import Catalog
@@ -53,6 +55,31 @@ from billing.scenario import Settings
 
 MOVEMENT_ADAPTER: TypeAdapter[MrrMovement] = TypeAdapter(MrrMovement)
 
+# column names and PostgreSQL types of the tables written with `Bulk`, in the order of its rows
+INVOICE_COLUMNS = (
+    ("number", "text"), ("seq", "integer"), ("customer", "text"), ("currency", "text"), ("status", "text"),
+    ("issued_at", "timestamptz"), ("billing_date", "date"), ("subtotal", "bigint"), ("discount", "bigint"),
+    ("tax", "bigint"), ("total", "bigint"), ("credit_applied", "bigint"), ("amount_due", "bigint"),
+    ("credit_added", "bigint"), ("command_id", "integer"))
+INVOICE_LINE_COLUMNS = (
+    ("invoice_number", "text"), ("line_index", "integer"), ("kind", "text"), ("description", "text"),
+    ("subscription", "text"), ("quantity", "numeric"), ("unit_amount", "numeric"), ("amount", "bigint"),
+    ("included", "numeric"), ("period_start", "timestamptz"), ("period_end", "timestamptz"))
+MOVEMENT_COLUMNS = (
+    ("id", "integer"), ("at", "timestamptz"), ("customer", "text"), ("subscription", "text"), ("type", "text"),
+    ("subtype", "text"), ("currency", "text"), ("mrr_before", "bigint"), ("mrr_after", "bigint"),
+    ("delta", "bigint"), ("reporting_currency", "text"), ("reporting_delta", "bigint"), ("cause", "text"),
+    ("event_index", "integer"), ("command_id", "integer"), ("idempotency_key", "text"), ("entry", "text"),
+    ("reverses", "integer"), ("month", "integer"))
+LEG_COLUMNS = (
+    ("movement_id", "integer"), ("position", "integer"), ("subscription", "text"), ("plan", "text"),
+    ("product", "text"), ("delta", "bigint"), ("reporting_delta", "bigint"))
+MONTH_COLUMNS = (
+    ("customer", "text"), ("month", "integer"), ("currency", "text"), ("mrr_start", "bigint"),
+    ("mrr_end", "bigint"), ("expansions", "integer"), ("lost", "bigint"))
+LINK_COLUMNS = (("movement_id", "integer"), ("invoice_number", "text"), ("line_index", "integer"),
+                ("command_id", "integer"))
+
 
 class PersistenceError(RuntimeError):
     """The database does not hold what a command expects (a broken invariant, not bad input)."""
@@ -60,6 +87,121 @@ class PersistenceError(RuntimeError):
 
 class ConcurrentModification(PersistenceError):
     """The book changed since it was loaded: another command won; reload and retry."""
+
+
+# --- bulk rows -------------------------------------------------------------------------------
+
+
+class Bulk:
+    """Many rows in one statement per table, in the session's transaction, without SQLAlchemy's
+    per-row compile and bind: on SQLite one `executemany`, on PostgreSQL one `INSERT … SELECT` (or
+    `UPDATE … FROM`) over `unnest` of one array per column. Values are given already converted
+    with the methods below, which store exactly what the column types would
+    (`billing.persistence.types`, SQLAlchemy's SQLite formats, `json.dumps`), so rows written here
+    read back and compare as rows written through the ORM. Errors are SQLAlchemy's (DBAPIError).
+
+    `columns` pair a column name with its PostgreSQL type (ignored on SQLite)."""
+
+    def __init__(self, session: Session) -> None:
+        self.connection: Connection = session.connection()
+        self.postgres = self.connection.dialect.name == "postgresql"
+        self._instants: dict[datetime, Any] = {}
+
+    def instant(self, value: datetime | None) -> Any:
+        """A timezone-aware instant as `UTCDateTime` stores it: naive UTC text on SQLite, ISO 8601
+        UTC text for an array literal on PostgreSQL."""
+        if value is None:
+            return None
+        found = self._instants.get(value)
+        if found is None:
+            if value.tzinfo is None or value.utcoffset() is None:
+                raise ValueError(f"naive datetime {value.isoformat()} where an instant was expected")
+            utc = value.astimezone(UTC)
+            found = utc.isoformat() if self.postgres else (
+                f"{utc.year:04d}-{utc.month:02d}-{utc.day:02d} "
+                f"{utc.hour:02d}:{utc.minute:02d}:{utc.second:02d}.{utc.microsecond:06d}")
+            self._instants[value] = found
+        return found
+
+    def day(self, value: date | None) -> Any:
+        if value is None or self.postgres:
+            return value
+        return f"{value.year:04d}-{value.month:02d}-{value.day:02d}"
+
+    def decimal(self, value: Decimal | None) -> Any:
+        """An exact decimal as `ExactDecimal` stores it (NUMERIC on PostgreSQL, its text elsewhere)."""
+        if value is None:
+            return None
+        if not isinstance(value, Decimal) or not value.is_finite():
+            raise ValueError(f"{value!r} is not a finite Decimal")
+        return value if self.postgres else str(value)
+
+    def flag(self, value: bool) -> Any:
+        return value if self.postgres else int(value)
+
+    @staticmethod
+    def json(value: Any) -> str:
+        return json.dumps(value)
+
+    def insert(self, table: str, columns: Sequence[tuple[str, str]], rows: Sequence[tuple[Any, ...]]) -> None:
+        """Insert `rows` (tuples in `columns` order)."""
+        if not rows:
+            return
+        names = ", ".join(name for name, _ in columns)
+        if self.postgres:
+            statement = f"INSERT INTO {table} ({names}) SELECT * FROM unnest({_arrays(columns)})"  # noqa: S608
+            self.connection.exec_driver_sql(statement, _transpose(rows, columns))
+        else:
+            marks = ", ".join("?" for _ in columns)
+            self.connection.exec_driver_sql(f"INSERT INTO {table} ({names}) VALUES ({marks})", list(rows))  # noqa: S608
+
+    def update(self, table: str, keys: Sequence[tuple[str, str]], columns: Sequence[tuple[str, str]],
+               rows: Sequence[tuple[Any, ...]], *, extra: str = "", check: str = "") -> int:
+        """Set `columns` of the rows matching `keys` (each row: key values, then column values);
+        `extra` adds assignments (SQL over the table's own columns, e.g. `version = version + 1`),
+        `check` one more `column` that must equal the row's last value (e.g. a version). Returns
+        how many rows changed."""
+        if not rows:
+            return 0
+        width = len(keys) + len(columns)
+        matched = [*keys, (check, "integer")] if check else list(keys)
+        if self.postgres:
+            # the check value is aliased `<name>_` so `extra` can still name the table's own column
+            aliased = [*keys, *columns, *[(f"{name}_", kind) for name, kind in matched[len(keys):]]]
+            sets = [f"{name} = v.{name}" for name, _ in columns] + ([extra] if extra else [])
+            where = " AND ".join(f"{table}.{name} = v.{alias}"
+                                 for (name, _), (alias, _) in zip(matched, [*keys, *aliased[width:]], strict=True))
+            statement = (f"UPDATE {table} SET {', '.join(sets)} "  # noqa: S608 - names are this module's constants
+                         f"FROM unnest({_arrays(aliased)}) AS v({', '.join(n for n, _ in aliased)}) WHERE {where}")
+            return int(self.connection.exec_driver_sql(statement, _transpose(rows, aliased)).rowcount)
+        sets = [f"{name} = ?" for name, _ in columns] + ([extra] if extra else [])
+        where = " AND ".join(f"{name} = ?" for name, _ in matched)
+        params = [(*row[len(keys):width], *row[:len(keys)], *row[width:]) for row in rows]
+        statement = f"UPDATE {table} SET {', '.join(sets)} WHERE {where}"  # noqa: S608 - as above
+        return int(self.connection.exec_driver_sql(statement, params).rowcount)
+
+
+def _arrays(columns: Sequence[tuple[str, str]]) -> str:
+    return ", ".join(f"%s::{kind}[]" for _, kind in columns)
+
+
+def _transpose(rows: Sequence[tuple[Any, ...]], columns: Sequence[tuple[str, str]]) -> tuple[Any, ...]:
+    """One parameter per column: an array literal in PostgreSQL's text form (built here, several
+    times faster than the driver adapting a list element by element)."""
+    return tuple(_array_literal(values, kind)
+                 for values, (_, kind) in zip(zip(*rows, strict=True), columns, strict=True))
+
+
+def _array_literal(values: Sequence[Any], kind: str) -> str:
+    """`{…}` of the values: strings double-quoted with `\\` and `"` escaped, bytes in bytea's hex
+    form; other values (numbers, booleans, ISO dates and instants: no spaces, commas, quotes or
+    braces) bare, so `str(None)` is the only way to spell `None` there and becomes NULL."""
+    if kind == "bytea":
+        return "{" + ",".join(["NULL" if v is None else '"\\\\x' + v.hex() + '"' for v in values]) + "}"
+    if kind in ("text", "json"):
+        return "{" + ",".join(["NULL" if v is None else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+                               for v in values]) + "}"
+    return "{" + ",".join(map(str, values)).replace("None", "NULL") + "}"
 
 
 # --- engine state -----------------------------------------------------------------------------
@@ -233,35 +375,31 @@ class LedgerRepository:
     # writes
 
     def add_invoices(self, invoices: Sequence[Invoice], command_id: int) -> None:
+        """Append invoices and their lines: one statement per table (`Bulk`), lines after invoices."""
         if not invoices:
             return
         seq = self.session.scalar(select(func.max(InvoiceRow.seq))) or 0
-        heads: list[dict[str, Any]] = []
-        rows: list[dict[str, Any]] = []
+        bulk = Bulk(self.session)
+        instant, decimal = bulk.instant, bulk.decimal
+        heads: list[tuple[Any, ...]] = []
+        rows: list[tuple[Any, ...]] = []
         for invoice in invoices:
             seq += 1
             cur = invoice.currency
-            heads.append({
-                "number": invoice.number, "seq": seq, "customer": invoice.customer, "currency": cur,
-                "status": invoice.status, "issued_at": invoice.issued_at,
-                "billing_date": date.fromisoformat(invoice.billing_date),
-                "subtotal": to_minor(invoice.subtotal, cur), "discount": to_minor(invoice.discount, cur),
-                "tax": to_minor(invoice.tax, cur), "total": to_minor(invoice.total, cur),
-                "credit_applied": to_minor(invoice.credit_applied, cur),
-                "amount_due": to_minor(invoice.amount_due, cur),
-                "credit_added": to_minor(invoice.credit_added, cur), "command_id": command_id,
-            })
-            rows.extend({
-                "invoice_number": invoice.number, "line_index": index, "kind": line.kind,
-                "description": line.description, "subscription": line.subscription, "quantity": line.quantity,
-                "unit_amount": line.unit_amount, "amount": to_minor(line.amount, cur), "included": line.included,
-                "period_start": line.period_start, "period_end": line.period_end,
-            } for index, line in enumerate(invoice.lines))
-        # one executemany per table (no ORM unit of work on the hot path); lines after invoices
-        connection = self.session.connection()
-        connection.execute(insert(InvoiceRow.__table__), heads)  # type: ignore[arg-type]
-        if rows:
-            connection.execute(insert(InvoiceLineRow.__table__), rows)  # type: ignore[arg-type]
+            number = invoice.number
+            heads.append((
+                number, seq, invoice.customer, cur, invoice.status, instant(invoice.issued_at),
+                bulk.day(date.fromisoformat(invoice.billing_date)), to_minor(invoice.subtotal, cur),
+                to_minor(invoice.discount, cur), to_minor(invoice.tax, cur), to_minor(invoice.total, cur),
+                to_minor(invoice.credit_applied, cur), to_minor(invoice.amount_due, cur),
+                to_minor(invoice.credit_added, cur), command_id))
+            rows.extend((
+                number, index, line.kind, line.description, line.subscription, decimal(line.quantity),
+                decimal(line.unit_amount), to_minor(line.amount, cur), decimal(line.included),
+                instant(line.period_start), instant(line.period_end),
+            ) for index, line in enumerate(invoice.lines))
+        bulk.insert("invoices", INVOICE_COLUMNS, heads)
+        bulk.insert("invoice_lines", INVOICE_LINE_COLUMNS, rows)
 
     def set_status(self, number: str, status: InvoiceStatus) -> None:
         result = self.session.execute(
@@ -323,47 +461,31 @@ class LedgerRepository:
         if not movements:
             return
         base = command_key if command_key is not None else f"command:{command_id}"
+        bulk = Bulk(self.session)
         rows: list[dict[str, Any]] = []
-        legs: list[dict[str, Any]] = []
+        heads: list[tuple[Any, ...]] = []
+        legs: list[tuple[Any, ...]] = []
         for position, movement in enumerate(movements):
             cur = movement.currency
             rep = movement.reporting_currency
-            rows.append({
-                "id": movement.id,
-                "at": movement.at,
-                "customer": movement.customer,
-                "subscription": movement.subscription,
-                "type": movement.type,
-                "subtype": movement.subtype,
-                "currency": cur,
-                "mrr_before": to_minor(movement.mrr_before, cur),
-                "mrr_after": to_minor(movement.mrr_after, cur),
-                "delta": to_minor(movement.delta, cur),
-                "reporting_currency": rep,
-                "reporting_delta": to_minor(movement.reporting_delta, rep),
-                "cause": movement.cause,
-                "event_index": movement.event_index,
-                "command_id": command_id,
-                "idempotency_key": f"{base}#{position}",
-                "entry": movement.entry,
-                "reverses": movement.reverses,
+            row = {
+                "customer": movement.customer, "type": movement.type, "subtype": movement.subtype,
+                "currency": cur, "delta": to_minor(movement.delta, cur),
+                "reporting_delta": to_minor(movement.reporting_delta, rep), "entry": movement.entry,
                 "month": month_index(movement.at),
-            })
-            legs.extend(
-                {
-                    "movement_id": movement.id,
-                    "position": index,
-                    "subscription": leg.subscription,
-                    "plan": leg.plan,
-                    "product": leg.product,
-                    "delta": to_minor(leg.delta, cur),
-                    "reporting_delta": to_minor(leg.reporting_delta, rep),
-                }
-                for index, leg in enumerate(movement.legs)
-            )
-        self.session.execute(insert(MovementRow), rows)
-        if legs:
-            self.session.execute(insert(MovementLegRow), legs)
+            }
+            rows.append(row)
+            heads.append((
+                movement.id, bulk.instant(movement.at), movement.customer, movement.subscription, movement.type,
+                movement.subtype, cur, to_minor(movement.mrr_before, cur), to_minor(movement.mrr_after, cur),
+                row["delta"], rep, row["reporting_delta"], movement.cause, movement.event_index, command_id,
+                f"{base}#{position}", movement.entry, movement.reverses, row["month"]))
+            legs.extend((
+                movement.id, index, leg.subscription, leg.plan, leg.product, to_minor(leg.delta, cur),
+                to_minor(leg.reporting_delta, rep),
+            ) for index, leg in enumerate(movement.legs))
+        bulk.insert("mrr_movements", MOVEMENT_COLUMNS, heads)
+        bulk.insert("mrr_movement_legs", LEG_COLUMNS, legs)
         self._record_months(rows)
 
     def _record_months(self, rows: Sequence[dict[str, Any]]) -> None:
@@ -387,12 +509,14 @@ class LedgerRepository:
         firsts: dict[str, MonthRow] = {}
         for start in range(0, len(names), 500):
             chunk = names[start : start + 500]
+            month_columns = (CustomerMonthRow.customer, CustomerMonthRow.month, CustomerMonthRow.mrr_start,
+                             CustomerMonthRow.mrr_end, CustomerMonthRow.expansions, CustomerMonthRow.lost)
             query = (
-                select(CustomerMonthRow)
+                select(*month_columns)
                 .where(CustomerMonthRow.customer.in_(chunk), CustomerMonthRow.month >= cut)
                 .order_by(CustomerMonthRow.customer, CustomerMonthRow.month)
             )
-            for found in self.session.scalars(query):
+            for found in self.session.execute(query):
                 stored[found.customer].append(
                     MonthRow(found.month, found.mrr_start, found.mrr_end, found.expansions, found.lost))
             newest = (
@@ -413,14 +537,14 @@ class LedgerRepository:
                 .subquery()
             )
             same = and_(oldest.c.customer == CustomerMonthRow.customer, oldest.c.month == CustomerMonthRow.month)
-            for found in self.session.scalars(select(CustomerMonthRow).join(oldest, same)):
+            for found in self.session.execute(select(*month_columns).join(oldest, same)):
                 firsts[found.customer] = MonthRow(found.month, found.mrr_start, found.mrr_end, found.expansions,
                                                   found.lost)
         settings = self.session.scalar(select(BookStateRow.settings))
         conversion = Conversion(Settings.model_validate(settings) if settings is not None else Settings(),
                                 strict=False)
-        inserts: list[dict[str, Any]] = []
-        updates: list[dict[str, Any]] = []
+        inserts: list[tuple[Any, ...]] = []
+        updates: list[tuple[Any, ...]] = []
         measures: dict[tuple[str, int], int] = {}
         for customer, entries in by_customer.items():
             currency = entries[0]["currency"]
@@ -430,26 +554,19 @@ class LedgerRepository:
                 new = _apply_entry(new, entry, before.get(customer, 0))
             known = {month_row.month: month_row for month_row in old}
             for month_row in new:
-                values = {"customer": customer, "month": month_row.month, "mrr_start": month_row.mrr_start,
-                          "mrr_end": month_row.mrr_end, "expansions": month_row.expansions, "lost": month_row.lost}
                 if month_row.month not in known:
-                    inserts.append({**values, "currency": currency})
+                    inserts.append((customer, month_row.month, currency, month_row.mrr_start, month_row.mrr_end,
+                                    month_row.expansions, month_row.lost))
                 elif known[month_row.month] != month_row:
-                    updates.append(values)
+                    updates.append((customer, month_row.month, month_row.mrr_start, month_row.mrr_end,
+                                    month_row.expansions, month_row.lost))
             since = min(entry["month"] for entry in entries)
             moved = change(old, new, currency, since, conversion, before.get(customer, 0), firsts.get(customer))
             for key, value in moved.items():
                 measures[key] = measures.get(key, 0) + value
-        if inserts:
-            self.session.execute(insert(CustomerMonthRow), inserts)
-        for values in updates:
-            self.session.execute(
-                update(CustomerMonthRow)
-                .where(CustomerMonthRow.customer == values["customer"], CustomerMonthRow.month == values["month"])
-                .values(mrr_start=values["mrr_start"], mrr_end=values["mrr_end"], expansions=values["expansions"],
-                        lost=values["lost"])
-                .execution_options(synchronize_session=False)
-            )
+        bulk = Bulk(self.session)
+        bulk.insert("customer_mrr_months", MONTH_COLUMNS, inserts)
+        bulk.update("customer_mrr_months", MONTH_COLUMNS[:2], MONTH_COLUMNS[3:], updates)
         flows: dict[tuple[int, str, str], list[int]] = {}
         for row in rows:
             cell = flows.setdefault((row["month"], row["type"], row["subtype"] or ""), [0, 0])
@@ -492,10 +609,9 @@ class LedgerRepository:
                 ).where(MovementLineRow.movement_id.in_(ids))
             )
         }
-        new = [{"movement_id": movement_id, "invoice_number": number, "line_index": line, "command_id": command_id}
+        new = [(movement_id, number, line, command_id)
                for movement_id, number, line in wanted if (movement_id, number, line) not in existing]
-        if new:
-            self.session.execute(insert(MovementLineRow), new)
+        Bulk(self.session).insert("movement_invoice_lines", LINK_COLUMNS, new)
         return len(new)
 
     # reads

@@ -303,3 +303,148 @@ def test_a_change_that_comes_in_while_a_run_is_unfinished_is_neither_lost_nor_bi
     kinds = [line.kind for line in february.lines if line.subscription == sub]
     assert kinds.count("plan") == 1 and kinds.count("proration") == 2  # the change billed once, on that invoice
     assert [line.quantity for line in february.lines if line.subscription == sub and line.kind == "plan"] == [quantity]
+
+
+def test_a_change_to_a_customer_of_a_batch_waits_until_the_batch_commits(
+        db: Db, reference: list[tuple[Any, ...]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """PostgreSQL: a batch (computing without the sequence lock, as workers do) holds its
+    customers' `customer_books` rows from load to commit; a mid-cycle change on one of them
+    waits on that row lock, then reads what the batch wrote — it is applied once, on top of the
+    billed state, without losing a race (one attempt), and the run bills everyone once."""
+    import threading
+
+    from billing import service
+
+    if db.backend != "postgresql":
+        pytest.skip("row locks: on SQLite the batch holds the write lock, so every writer waits anyway")
+    build(db.url, SUBSCRIPTIONS)
+    attempts: list[int] = []
+    original = service._execute_once
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        attempts.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(service, "_execute_once", counted)
+    seen: dict[str, Any] = {}
+
+    def change(sub: str, quantity: int) -> None:
+        try:
+            service.change_quantity(db.engine, subscription=sub, quantity=quantity, at="2026-02-10", actor="sales")
+        except Exception as exc:  # noqa: BLE001 - reported to the test below
+            seen["error"] = exc
+
+    def fault(batch: int) -> None:
+        if batch != 0:
+            return
+        batch_session = _current["uow"].session  # this batch's transaction: its customers are done in it
+        customer, sub, quantity = batch_session.execute(text(
+            "SELECT s.customer, s.id, s.quantity FROM subscriptions s JOIN invoice_run_customers r "
+            "ON r.customer = s.customer WHERE r.state = 'done' AND s.plan = 'team' ORDER BY r.position LIMIT 1")).one()
+        batch_pid = batch_session.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        with db.engine.connect() as conn:
+            seen["version"] = conn.execute(text("SELECT version FROM customer_books WHERE customer = :c"),
+                                           {"c": customer}).scalar_one()
+        seen.update(customer=customer, sub=sub, quantity=quantity)
+        worker = threading.Thread(target=change, args=(sub, quantity + 5))
+        worker.start()
+        seen["thread"] = worker
+        waiting = 0
+        with db.engine.connect() as conn:
+            for _ in range(600):  # until the change queues behind this batch's row locks (no timing assumed)
+                waiting = conn.execute(text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE :batch = ANY(pg_blocking_pids(pid)) "
+                    "AND query LIKE 'SELECT customer_books.customer%'"), {"batch": batch_pid}).scalar_one()
+                if waiting or not worker.is_alive():
+                    break
+                conn.execute(text("SELECT pg_sleep(0.05)"))
+                conn.rollback()  # pg_stat_activity is read once per transaction
+        assert waiting == 1 and worker.is_alive(), seen.get("error")  # blocked behind this uncommitted batch
+
+    summary = run(db.engine, RUN, actor="t", batch=BATCH, skip_locked=True, fault=fault)
+    seen["thread"].join(timeout=120)
+    assert not seen["thread"].is_alive() and "error" not in seen
+    assert attempts == [1]  # it waited instead of losing a race
+    assert summary.state == "done" and summary.failed == []
+    _check_once_and_gap_free(db.url)
+    assert len(_invoices(db.url)) == len(reference)
+    with UnitOfWork(db.engine) as uow:
+        version = uow.session.execute(text("SELECT version FROM customer_books WHERE customer = :c"),
+                                      {"c": seen["customer"]}).scalar_one()
+        assert version == seen["version"] + 2  # the batch's write, then the change's on top of it
+        view = uow.view.subscription(seen["sub"])
+        assert view is not None and view.quantity == seen["quantity"] + 5
+        invoices = [i for i in uow.ledger.invoices(customer=seen["customer"]) if i.billing_date == "2026-02-01"]
+        assert [line.quantity for i in invoices for line in i.lines
+                if line.subscription == seen["sub"] and line.kind == "plan"] == [seen["quantity"]]
+        moved = [m for m in uow.ledger.movements(customer=seen["customer"])
+                 if m.at == datetime(2026, 2, 10, tzinfo=UTC)]
+        assert len(moved) == 1 and moved[0].type == "expansion"
+
+
+def test_bulk_rows_are_stored_exactly_as_sqlalchemy_stores_them(db: Db) -> None:
+    """`Bulk` (executemany on SQLite, array literals on PostgreSQL) stores every value kind the
+    run writes — text with quotes, backslashes, commas, braces and newlines, big integers, exact
+    decimals, instants in any zone with microseconds, dates, booleans, JSON, bytes, NULLs — as
+    the column types do through SQLAlchemy, inserted and updated."""
+    from datetime import date
+    from decimal import Decimal
+    from zoneinfo import ZoneInfo
+
+    from sqlalchemy import JSON, BigInteger, Boolean, Column, Date, Integer, LargeBinary, MetaData, Table, Text
+
+    from billing.persistence.repository import Bulk
+    from billing.persistence.types import ExactDecimal
+
+    meta = MetaData()
+    kinds = (("s", "text"), ("n", "bigint"), ("d", "numeric"), ("t", "timestamptz"), ("day", "date"),
+             ("b", "boolean"), ("j", "json"), ("blob", "bytea"))
+
+    def table(name: str) -> Table:
+        return Table(name, meta, Column("k", Integer, primary_key=True), Column("s", Text), Column("n", BigInteger),
+                     Column("d", ExactDecimal()), Column("t", UTCDateTime()), Column("day", Date),
+                     Column("b", Boolean), Column("j", JSON), Column("blob", LargeBinary))
+
+    table("bulk_ours")
+    theirs = table("bulk_theirs")
+    meta.create_all(db.engine)
+    values = [
+        (1, "plain", 5, Decimal("50.00"), datetime(2026, 2, 1, tzinfo=UTC), date(2026, 2, 1), True, {"a": 1},
+         b"\x00\\\"x"),
+        (2, 'q"uo\\te, {brace} NULL\n\ttab é', -2**40, Decimal("1E+2"),
+         datetime(2026, 3, 1, 1, 2, 3, 456789, tzinfo=ZoneInfo("America/New_York")), None, False, ["x", None], b""),
+        (3, None, None, None, None, None, None, None, None),
+    ]
+    changed = [(2, "", 7, Decimal("0.0020"), datetime(2026, 1, 31, 23, 59, tzinfo=UTC), date(2027, 1, 1), True,
+                {"b": '"'}, b"\x01")]
+
+    def plain(row: tuple[Any, ...]) -> dict[str, Any]:
+        return dict(zip(("k", *(name for name, _ in kinds)), row, strict=True))
+
+    with UnitOfWork(db.engine) as uow:
+        connection = uow.session.connection()
+        connection.execute(theirs.insert(), [plain(r) for r in values])
+        connection.execute(theirs.update().where(theirs.c.k == 2), plain(changed[0]))
+        bulk = Bulk(uow.session)
+
+        def converted(row: tuple[Any, ...]) -> tuple[Any, ...]:
+            k, s, n, d, t, day, b, j, blob = row
+            return (k, s, n, bulk.decimal(d), bulk.instant(t), bulk.day(day),
+                    None if b is None else bulk.flag(b), bulk.json(j), blob)
+
+        bulk.insert("bulk_ours", (("k", "integer"), *kinds), [converted(r) for r in values])
+        assert bulk.update("bulk_ours", (("k", "integer"),), kinds, [converted(r) for r in changed]) == 1
+        uow.commit()
+
+    def stored(name: str) -> list[tuple[Any, ...]]:
+        if db.backend == "postgresql":
+            query = (f"SELECT k, s, n::text, d::text, t::text, day::text, b::text, j::text, "  # noqa: S608
+                     f"encode(blob, 'hex') FROM {name} ORDER BY k")
+        else:
+            query = (f"SELECT k, s, typeof(n), n, typeof(d), d, typeof(t), t, typeof(day), day, "  # noqa: S608
+                     f"typeof(b), b, j, typeof(blob), hex(blob) FROM {name} ORDER BY k")
+        with db.engine.connect() as conn:
+            return [tuple(r) for r in conn.exec_driver_sql(query)]
+
+    assert stored("bulk_ours") == stored("bulk_theirs")
+    assert len(stored("bulk_ours")) == 3
