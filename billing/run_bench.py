@@ -30,6 +30,7 @@ from sqlalchemy import Table, insert, select, text
 
 from billing.book import Book
 from billing.catalog import Catalog
+from billing.gc_policy import fewer_collections
 from billing.persistence import PartWrite, UnitOfWork, create_engine, upgrade
 from billing.persistence.tables import CustomerRow, InvoiceLineRow, InvoiceRow, SubscriptionRow
 from billing.scenario import EVENT_ADAPTER, Event, InvoiceRunEvent, Settings
@@ -278,7 +279,8 @@ def bench(subscriptions: int, *, url: str | None = None, workers: int = 1, batch
         with tempfile.TemporaryDirectory(prefix="billing-bench-runs-") as tmp:
             return bench(subscriptions, url=f"sqlite:///{Path(tmp) / 'bench.sqlite'}", workers=workers,
                          batch=batch, seed=seed)
-    built = build(url, subscriptions, seed=seed)
+    with fewer_collections():
+        built = build(url, subscriptions, seed=seed)
     timed = measure(url, workers=workers, batch=batch)
     engine = create_engine(url)
     with UnitOfWork(engine) as uow:

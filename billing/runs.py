@@ -40,6 +40,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from billing.book import Book, BookError, Outcome
+from billing.gc_policy import fewer_collections
 from billing.money import from_minor
 from billing.persistence import ConcurrentModification, DatabaseError, Engine, UnitOfWork, utc_now
 from billing.persistence.usage_store import BatchedUsage
@@ -160,7 +161,18 @@ def run(engine: Engine, ev: InvoiceRunEvent, *, actor: str, idempotency_key: str
 
     `collect` receives every batch's outcome (the replay and `service.execute` need them; a
     large run leaves it out to keep memory flat). `fault(batch_number)` is called inside each
-    batch's transaction before it commits (tests use it to break a batch)."""
+    batch's transaction before it commits (tests use it to break a batch). The collector runs
+    less often meanwhile (billing.gc_policy)."""
+    with fewer_collections():
+        return _run(engine, ev, actor=actor, idempotency_key=idempotency_key, index=index, clock=clock,
+                    progress=progress, batch=batch, dry_run=dry_run, collect=collect, join=join,
+                    skip_locked=skip_locked, fault=fault)
+
+
+def _run(engine: Engine, ev: InvoiceRunEvent, *, actor: str, idempotency_key: str | None, index: int | None,
+         clock: Callable[[], datetime], progress: ProgressCallback | None, batch: int, dry_run: bool,
+         collect: Outcome | None, join: int | None, skip_locked: bool,
+         fault: Callable[[int], None] | None) -> RunSummary:
     started = time.perf_counter()
     if dry_run:
         return _dry_run(engine, ev, index=index, batch=batch, started=started, collect=collect)
