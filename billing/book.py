@@ -973,6 +973,8 @@ class Book:
         sub.usage_open = at
         if not self.settings.usage_in_mrr:
             return
+        if not sub.usage_mrr and not self._cat.plan_metrics(period.plan):
+            return  # nothing metered now or before: the usage part of MRR stays 0, nothing moves
         amount = sum((Fraction(line.amount) for line in self._usage_lines(sub, acct, period)), Fraction(0))
         for coupon in self._coupons_of(sub):
             window = coupon.windows.get(sub.id)
