@@ -36,6 +36,8 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import IO, Any
 
+import orjson
+
 from billing.book import Book, BookError
 from billing.catalog import Metric
 from billing.money import round_money
@@ -66,18 +68,61 @@ RETRIES = 5
 FIELDS = frozenset({"subscription", "customer", "metric", "at", "value", "id", "properties"})
 KEPT_REJECTIONS = 1_000
 _DECODER = json.JSONDecoder(parse_float=Decimal)
+# orjson reads a JSON line several times faster than `_DECODER` and gives the same objects, except
+# that it turns a number with a fraction or an exponent, or an integer beyond 64 bits, into a
+# binary float. So a line with a `.` goes to `_DECODER` (whose decimals are exact), and so does
+# one that orjson gave a float (`_has_float`) or refused (for the same reason as ever).
+_PROPS_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)  # = json.dumps(…, separators, default=str)
 _BOUND = 10**12  # |value| below this (billing.usage.MAX_VALUE)
-Measurer = Callable[[Decimal | int, int, Mapping[str, Any]], tuple[bool, int | None, str | None]]
+Measurement = tuple[bool, int | None, str | None]  # (matched, quantity, dim): billing.usage.measure
+Measurer = Callable[[Decimal | int, int, Mapping[str, Any]], Measurement]
 
 
 def _measurer(metric: Metric) -> Measurer:
-    """`billing.usage.measure` for one metric, with the event's scaled value already known (the
-    common case — the field is `value`, no filter — costs one tuple)."""
-    if metric.field != "value" or metric.filter:
+    """`billing.usage.measure` for one metric, with the event's scaled value already known; the
+    common shapes (the field is `value`, or a property; at most one filter) skip the decimal
+    arithmetic `measure` would redo, with the same results."""
+    distinct = metric.aggregation == "unique_count"
+    filters = tuple(metric.filter.items())
+    if metric.field == "value":
+        if not filters:
+            if distinct:
+                return lambda value, scaled_value, _props: (True, scaled_value, str(value))
+            return lambda _value, scaled_value, _props: (True, scaled_value, None)
+        if len(filters) == 1:
+            ((name, wanted),) = filters
+            if distinct:
+                return lambda value, scaled_value, props: (str(props.get(name)) == wanted, scaled_value, str(value))
+            return lambda _value, scaled_value, props: (str(props.get(name)) == wanted, scaled_value, None)
         return lambda value, _scaled, props: measure(metric, Decimal(value), props)
-    if metric.aggregation == "unique_count":
-        return lambda value, scaled_value, _props: (True, scaled_value, str(value))
-    return lambda _value, scaled_value, _props: (True, scaled_value, None)
+    field_name = metric.field
+
+    def by_property(value: Decimal | int, _scaled: int, props: Mapping[str, Any]) -> Measurement:
+        raw = props.get(field_name)
+        if isinstance(raw, str) and raw[:1].isalpha() and raw[0] not in "iInNsS":
+            # a letter first (other than Inf, NaN, sNaN): not a decimal, `measure` gives no quantity
+            matched = all(str(props.get(k)) == v for k, v in filters) if filters else True
+            return matched, None, raw if distinct else None
+        return measure(metric, Decimal(value), props)
+
+    return by_property
+
+
+def _props_text(props: Mapping[str, Any]) -> str:
+    """`json.dumps(props, separators=(",", ":"), default=str)`, by orjson when that gives the same
+    text: a flat object of strings, integers, booleans and nulls that encodes to ASCII without
+    DEL (which json escapes and orjson does not)."""
+    for v in props.values():
+        t = type(v)
+        if t is not str and t is not int and t is not bool and v is not None:
+            return _PROPS_ENCODER.encode(props)
+    try:
+        out = orjson.dumps(props)
+    except TypeError:  # a key that is not a string, an integer beyond 64 bits
+        return _PROPS_ENCODER.encode(props)
+    if out.isascii() and b"\x7f" not in out:
+        return out.decode()
+    return _PROPS_ENCODER.encode(props)
 
 
 MAX_REASON = 300
@@ -129,7 +174,24 @@ def read_jsonl(stream: IO[bytes] | IO[str]) -> Iterator[tuple[int, Mapping[str, 
     JSON object. Numbers with a fraction are read as exact decimals, never floats."""
     lines: Iterable[str | bytes] = stream
     decode = _DECODER.decode
+    fast = orjson.loads
     for number, line in enumerate(lines, start=1):
+        if "." not in line if isinstance(line, str) else b"." not in line:  # see _has_float
+            try:
+                read = fast(line)
+            except orjson.JSONDecodeError:
+                pass  # read again below, for the same reason as ever
+            else:
+                if not isinstance(read, dict):
+                    yield number, "not a JSON object"
+                    continue
+                for value in read.values():
+                    kind = type(value)
+                    if kind is float or ((kind is dict or kind is list) and _has_float(value)):
+                        break
+                else:
+                    yield number, read
+                    continue
         try:
             data = decode(line.decode() if isinstance(line, bytes) else line)
         except UnicodeDecodeError:
@@ -141,6 +203,15 @@ def read_jsonl(stream: IO[bytes] | IO[str]) -> Iterator[tuple[int, Mapping[str, 
             yield number, f"not valid JSON ({exc.args[0].split(':')[0]})"
             continue
         yield (number, data) if isinstance(data, dict) else (number, "not a JSON object")
+
+
+def _has_float(data: dict[str, Any] | list[Any]) -> bool:
+    """Whether a float is anywhere in this decoded JSON (see `read_jsonl`)."""
+    for value in data.values() if isinstance(data, dict) else data:
+        kind = type(value)
+        if kind is float or ((kind is dict or kind is list) and _has_float(value)):
+            return True
+    return False
 
 
 def read_csv(stream: IO[str]) -> Iterator[tuple[int, Mapping[str, Any] | str]]:
@@ -183,9 +254,11 @@ def open_reader(stream: IO[bytes], kind: str) -> Iterator[tuple[int, Mapping[str
 # -- checking one row ---------------------------------------------------------------------------
 
 
-Parsed = tuple[int, str | None, str | None, str, int, int, bool, int | None, str | None, str, str]
-"""(line, subscription, customer, metric, at µs, value scaled, matched, quantity, dim, key,
-properties JSON): a row read and measured, not yet checked against the book."""
+Parsed = tuple[int, str | None, Row]
+"""(line, customer, row): a row read and measured, not yet checked against the book. A row that
+names its customer instead of its subscription has "" in the row's subscription place."""
+
+_EMPTY: dict[str, Any] = {}
 
 
 class _Parser:
@@ -200,26 +273,38 @@ class _Parser:
         if len(data) > 7 or not FIELDS.issuperset(data):
             unknown = sorted(set(data) - FIELDS)
             raise ValueError(f"{unknown[0]}: unknown field")
-        metric_code = data.get("metric")
+        get = data.get
+        metric_code = get("metric")
         if not isinstance(metric_code, str) or not metric_code:
             raise ValueError("metric: missing")
         measurer = self.measurers.get(metric_code)
         if measurer is None:
             raise ValueError(f"metric: unknown metric {metric_code!r}")
-        sub = data.get("subscription")
-        customer = data.get("customer")
+        sub = get("subscription")
+        customer = get("customer")
         if sub is None:
             if not isinstance(customer, str) or not customer:
                 raise ValueError("subscription: missing (give subscription or customer)")
         elif not isinstance(sub, str) or customer is not None:
             raise ValueError("subscription: must be a string (and not given with customer)")
-        key = data.get("id")
+        key = get("id")
         if isinstance(key, int) and not isinstance(key, bool):
             key = str(key)
         if not isinstance(key, str) or not key or len(key) > 500:
             raise ValueError("id: missing or not a string of 1 to 500 characters")
-        at = _micros_of(data.get("at"))
-        raw = data.get("value")
+        raw_at = get("at")
+        if isinstance(raw_at, str) and len(raw_at) > 10:
+            try:
+                moment = datetime.fromisoformat(raw_at)
+            except ValueError:
+                raise ValueError(f"at: {raw_at!r} is not an ISO 8601 time") from None
+            if moment.tzinfo is None:
+                raise ValueError(f"at: {raw_at!r} needs an offset (e.g. Z)")
+            span = moment - EPOCH
+            at = span.days * 86_400_000_000 + span.seconds * 1_000_000 + span.microseconds
+        else:
+            at = _micros_of(raw_at)
+        raw = get("value")
         value: Decimal | int
         if type(raw) is int and -_BOUND < raw < _BOUND:
             value, scaled_value = raw, raw * SCALE
@@ -229,26 +314,36 @@ class _Parser:
                 scaled_value = scaled(value)
             except UsageValueError as exc:
                 raise ValueError(str(exc)) from None
-        props = data.get("properties")
+        props = get("properties")
         if props is None:
-            props = {}
+            props = _EMPTY
+            text = "{}"
         elif not isinstance(props, dict):
             raise ValueError("properties: must be an object")
+        else:
+            text = _props_text(props) if props else "{}"
         matched, quantity, dim = measurer(value, scaled_value, props)
-        text = json.dumps(props, separators=(",", ":"), default=str) if props else "{}"
-        return (line, sub, customer, metric_code, at, scaled_value, matched, quantity, dim, key, text)
+        if sub is None:
+            return (line, customer, ("", metric_code, at, scaled_value, matched, quantity, dim, key, text))
+        return (line, None, (sub, metric_code, at, scaled_value, matched, quantity, dim, key, text))
 
 
 class _Gate:
-    """The book's usage rules for many rows (windows cached per (subscription, metric)). Runs
-    inside a chunk's transaction, against the book as that transaction sees it."""
+    """The book's usage rules for many rows. Runs inside a chunk's transaction, against the book
+    as that transaction sees it; `windows` and `by_customer` are caches the caller keeps while
+    the book does not change (they depend on the book only, not on the clock)."""
 
-    def __init__(self, book: Book, now: int, grace: int | None) -> None:
+    def __init__(self, book: Book, now: int, grace: int | None,
+                 windows: dict[tuple[str, str], UsageWindow | str] | None = None,
+                 by_customer: dict[tuple[str, str], str] | None = None) -> None:
         self.book = book
         self.now = now
         self.grace = grace
-        self.windows: dict[tuple[str, str], UsageWindow | str] = {}
-        self.by_customer: dict[tuple[str, str], str] = {}
+        self.windows: dict[tuple[str, str], UsageWindow | str] = {} if windows is None else windows
+        self.by_customer: dict[tuple[str, str], str] = {} if by_customer is None else by_customer
+        self.bounds: dict[tuple[str, str], tuple[int, int]] = {}
+        """(subscription, metric) → [lo, hi): every instant in it is accepted (`UsageWindow.reject`
+        gives None), so a row inside needs no other check; outside it, `reject` decides."""
 
     def window(self, sub: str, metric: str) -> UsageWindow | str:
         key = (sub, metric)
@@ -259,6 +354,8 @@ class _Gate:
             except (BookError, KeyError) as exc:
                 found = str(exc.args[0]) if exc.args else str(exc)
             self.windows[key] = found
+        if isinstance(found, UsageWindow) and key not in self.bounds:
+            self.bounds[key] = _accepting(found, self.now, self.grace)
         return found
 
     def subscription_of(self, customer: str, metric: str) -> str:
@@ -278,17 +375,55 @@ class _Gate:
 
     def admit(self, parsed: Parsed) -> Row:
         """The row to store, or ValueError with the reason."""
-        _, sub, customer, metric, at, value, matched, quantity, dim, key, text = parsed
-        if sub is None:
-            assert customer is not None
+        _, customer, row = parsed
+        sub, metric, at = row[0], row[1], row[2]
+        if customer is not None:
             sub = self.subscription_of(customer, metric)
-        window = self.windows.get((sub, metric)) or self.window(sub, metric)
+            row = (sub, *row[1:])
+        window = self.window(sub, metric)
         if isinstance(window, str):
             raise ValueError(window)
         reason = window.reject(at, now=self.now, grace=self.grace)
         if reason is not None:
             raise ValueError(reason)
-        return (sub, metric, at, value, matched, quantity, dim, key, text)
+        return row
+
+    def admit_all(self, parsed: Iterable[Parsed], good: list[Row], rejected: list[Rejection]) -> None:
+        """`admit` each row into `good` or `rejected`; a row inside its window's accepting span
+        (most of them) costs a lookup and a comparison."""
+        bounds = self.bounds
+        keep = good.append
+        for item in parsed:
+            row = item[2]
+            if item[1] is None:
+                span = bounds.get((row[0], row[1]))
+                if span is not None and span[0] <= row[2] < span[1]:
+                    keep(row)
+                    continue
+            try:
+                keep(self.admit(item))
+            except ValueError as exc:
+                rejected.append(Rejection(item[0], str(exc)))
+
+
+_NEVER = -(2**63)
+_ALWAYS = 2**63
+
+
+def _accepting(window: UsageWindow, now: int, grace: int | None) -> tuple[int, int]:
+    """The span [lo, hi) of instants `window.reject(at, now=now, grace=grace)` surely accepts:
+    from the start of the subscription's life, the end of what is invoiced and the end of every
+    closed period already past its grace, to the end of its life."""
+    lo = _NEVER
+    if window.started is not None:
+        lo = max(lo, window.started)
+    if window.invoiced_until is not None:
+        lo = max(lo, window.invoiced_until)
+    if grace is not None:
+        for _start, end in window.closed:
+            if now > end + grace:
+                lo = max(lo, end)
+    return lo, _ALWAYS if window.ends is None else window.ends
 
 
 def _micros_of(raw: object) -> int:
@@ -394,6 +529,8 @@ def ingest(
         writer = BulkWriter(engine, ingest_id)
         seen_version: tuple[int, int] | None = None
         current = book
+        windows: dict[tuple[str, str], UsageWindow | str] = {}  # of `current`
+        by_customer: dict[tuple[str, str], str] = {}
         try:
             while (batch := inbox.get()) is not None:
                 for attempt in range(RETRIES):
@@ -404,14 +541,11 @@ def ingest(
                             if loaded is None:
                                 raise IngestError("the book disappeared while ingesting")
                             current, seen_version = loaded, version
-                        gate = _Gate(current, micros(clock()), grace_us)
+                            windows, by_customer = {}, {}
+                        gate = _Gate(current, micros(clock()), grace_us, windows, by_customer)
                         good: list[Row] = []
                         rejected: list[Rejection] = []
-                        for parsed in batch.parsed:
-                            try:
-                                good.append(gate.admit(parsed))
-                            except ValueError as exc:
-                                rejected.append(Rejection(parsed[0], str(exc)))
+                        gate.admit_all(batch.parsed, good, rejected)
                         inserted = writer.write(good)
                         writer.commit()
                         break
@@ -432,23 +566,30 @@ def ingest(
                for i, inbox in enumerate(queues)]
     for thread in threads:
         thread.start()
+    parse = parser.parse
     try:
         batch = _Batch(0)
+        keep = batch.parsed.append
+        count = 0
         for line, data in rows:
-            if failure:
-                break
-            batch.rows += 1
+            count += 1
             if isinstance(data, str):
                 batch.rejected.append(Rejection(line, data))
             else:
                 try:
-                    batch.parsed.append(parser.parse(line, data))
+                    keep(parse(line, data))
                 except ValueError as exc:
                     batch.rejected.append(Rejection(line, str(exc)))
-            if batch.rows >= chunk:
+            if count >= chunk:
+                if failure:
+                    break
+                batch.rows = count
                 queues[batch.number % writers].put(batch)
                 batch = _Batch(batch.number + 1)
-        if batch.rows and not failure:
+                keep = batch.parsed.append
+                count = 0
+        if count and not failure:
+            batch.rows = count
             queues[batch.number % writers].put(batch)
     finally:
         for inbox in queues:

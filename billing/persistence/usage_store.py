@@ -15,11 +15,13 @@ aggregation of a period in SQL (billing.usage describes the columns and the rule
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from fractions import Fraction
 from typing import Any
 
+import orjson
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
@@ -170,6 +172,13 @@ STAGE_DDL = (
     "metric TEXT NOT NULL, at BIGINT NOT NULL, value BIGINT NOT NULL, matched BOOLEAN NOT NULL, "
     "quantity BIGINT, dim TEXT, key TEXT NOT NULL, properties TEXT NOT NULL) ON COMMIT DELETE ROWS"
 )
+KEYS_DDL = ("CREATE TEMPORARY TABLE IF NOT EXISTS usage_stage_keys (ord INTEGER NOT NULL, subscription TEXT NOT NULL, "
+            "key TEXT NOT NULL) ON COMMIT DELETE ROWS")
+# the chunk's rows whose (subscription, key) is stored already: one index probe each (LATERAL …
+# LIMIT 1 keeps the planner from hashing the whole table)
+STORED_KEYS = ("SELECT k.ord FROM usage_stage_keys AS k CROSS JOIN LATERAL (SELECT 1 FROM usage_events AS e "
+               "WHERE e.subscription = k.subscription AND e.key = k.key LIMIT 1) AS found")
+UNIQUE_VIOLATION = "23505"
 
 
 CACHE_KB = 65_536
@@ -193,10 +202,12 @@ class BulkWriter:
         self.raw = engine.raw_connection()
         self.dbapi: Any = self.raw.driver_connection
         self._staged = False
+        self._json = False
         if self.dialect == "sqlite":
             # a larger page cache while the indexes grow (SQLite's default is 2 MB)
             self._cache = self.dbapi.execute("PRAGMA cache_size").fetchone()[0]
             self.dbapi.execute(f"PRAGMA cache_size = {-CACHE_KB}")
+            self._json = _has_json(self.dbapi)
 
     def close(self) -> None:
         if self.dialect == "sqlite":
@@ -213,6 +224,7 @@ class BulkWriter:
             with self.dbapi.cursor() as cur:
                 if not self._staged:
                     cur.execute(STAGE_DDL)
+                    cur.execute(KEYS_DDL)
                     self._staged = True
                 cur.execute("LOCK TABLE customer_books IN SHARE MODE")
                 cur.execute(BOOK_TOKEN)
@@ -225,18 +237,58 @@ class BulkWriter:
             return 0
         if self.dialect == "sqlite":
             before = self.dbapi.total_changes
-            self.dbapi.executemany(
-                f"INSERT OR IGNORE INTO usage_events ({COLUMNS}, ingest_id) "  # noqa: S608
-                f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, {self._ingest_sql})", rows)
+            payload = _json_rows(rows) if self._json else None
+            if payload is not None:
+                # one statement: SQLite inserts the whole chunk in one step, without Python's lock
+                self.dbapi.execute(
+                    f"INSERT OR IGNORE INTO usage_events ({COLUMNS}, ingest_id) SELECT {_JSON_COLUMNS}, "  # noqa: S608
+                    f"{self._ingest_sql} FROM json_each(?) AS j ORDER BY j.key", (payload,))
+            else:
+                self.dbapi.executemany(
+                    f"INSERT OR IGNORE INTO usage_events ({COLUMNS}, ingest_id) "  # noqa: S608
+                    f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, {self._ingest_sql})", rows)
             return int(self.dbapi.total_changes - before)
         with self.dbapi.cursor() as cur:
-            with cur.copy(f"COPY usage_stage (ord, {COLUMNS}) FROM STDIN") as copy:  # noqa: S608
+            # the new rows, found by probing the unique index, go straight in by COPY (PostgreSQL
+            # then writes them in batches, much cheaper than an INSERT … ON CONFLICT row by row)
+            with cur.copy("COPY usage_stage_keys (ord, subscription, key) FROM STDIN") as copy:
                 for ord_, row in enumerate(rows):
-                    copy.write_row((ord_, *row))
-            cur.execute(f"INSERT INTO usage_events ({COLUMNS}, ingest_id) "  # noqa: S608
-                        f"SELECT {COLUMNS}, {self._ingest_sql} FROM usage_stage "
-                        "ORDER BY ord ON CONFLICT (subscription, key) DO NOTHING")
-            return int(cur.rowcount)  # the staged rows go at commit (ON COMMIT DELETE ROWS)
+                    copy.write_row((ord_, row[0], row[7]))
+            cur.execute(STORED_KEYS)
+            stored = {int(found) for (found,) in cur.fetchall()}
+            fresh: list[tuple[Any, ...]] = []
+            seen: set[tuple[str, str]] = set()
+            ingest_id = self.ingest_id
+            for ord_, row in enumerate(rows):
+                key = (row[0], row[7])
+                if ord_ in stored or key in seen:
+                    continue  # stored already, or earlier in this chunk: a duplicate
+                seen.add(key)
+                fresh.append((*row, ingest_id))
+            cur.execute("SAVEPOINT usage_copy")
+            try:
+                with cur.copy(f"COPY usage_events ({COLUMNS}, ingest_id) FROM STDIN") as copy:  # noqa: S608
+                    for values in fresh:
+                        copy.write_row(values)
+            except Exception as exc:
+                if getattr(exc, "sqlstate", None) != UNIQUE_VIOLATION:
+                    raise
+                # another ingester stored one of these keys since the probe: the conflict-proof way
+                cur.execute("ROLLBACK TO SAVEPOINT usage_copy")
+                return self._insert_staged(cur, rows)
+            cur.execute("RELEASE SAVEPOINT usage_copy")
+            return len(fresh)
+
+    def _insert_staged(self, cur: Any, rows: Sequence[Row]) -> int:
+        """PostgreSQL: COPY into the staging table, then `INSERT … ON CONFLICT DO NOTHING` in
+        input order; how many were new."""
+        with cur.copy(f"COPY usage_stage (ord, {COLUMNS}) FROM STDIN") as copy:  # noqa: S608
+            for ord_, row in enumerate(rows):
+                copy.write_row((ord_, *row))
+        cur.execute(f"INSERT INTO usage_events ({COLUMNS}, ingest_id) "  # noqa: S608
+                    f"SELECT {COLUMNS}, {self._ingest_sql} FROM usage_stage "
+                    "ORDER BY ord ON CONFLICT (subscription, key) DO NOTHING")
+        return int(cur.rowcount)  # the staged rows go at commit (ON COMMIT DELETE ROWS)
 
     @property
     def _ingest_sql(self) -> str:
@@ -255,6 +307,32 @@ class BulkWriter:
 
     def rollback(self) -> None:
         self.dbapi.rollback()
+
+
+_JSON_COLUMNS = ", ".join(f"json_extract(j.value, '$[{i}]')" for i in range(9))
+
+
+def _has_json(dbapi: Any) -> bool:
+    """Whether this SQLite has its JSON functions (built in since 3.38, an option before)."""
+    try:
+        dbapi.execute("SELECT json_extract('[1]', '$[0]') FROM json_each('[1]')").fetchall()
+    except sqlite3.OperationalError:  # no such function
+        return False
+    return True
+
+
+def _json_rows(rows: Sequence[Row]) -> str | None:
+    """The rows as one JSON array of arrays for `json_each`, or None where SQLite would not read
+    back exactly what Python holds: a NUL character (SQLite's JSON strings end at it), a lone
+    surrogate (not UTF-8; the row-by-row insert reports it as ever). Integers are below 2^63
+    (values and quantities below 10^18, instants in microseconds), which SQLite reads exactly."""
+    try:
+        payload = orjson.dumps(rows)
+    except TypeError:  # orjson.JSONEncodeError: a lone surrogate
+        return None
+    if b"\\u0000" in payload:
+        return None
+    return payload.decode()
 
 
 class BatchedUsage:
