@@ -29,6 +29,7 @@ import io
 import json
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -457,10 +458,41 @@ def _load_book(engine: Engine) -> Book | None:
 
 @dataclass
 class _Batch:
+    """A chunk of input: its rows parsed into one part per writer, and the parser's rejections."""
+
     number: int
-    parsed: list[Parsed] = field(default_factory=list)
+    parts: list[list[Parsed]]
     rejected: list[Rejection] = field(default_factory=list)
     rows: int = 0
+
+
+@dataclass
+class _Done:
+    """A batch's parts as the writers finish them."""
+
+    rows: int
+    parts: int = 0
+    inserted: int = 0
+    good: int = 0
+    rejected: list[Rejection] = field(default_factory=list)
+
+
+def _router(book: Book, writers: int) -> Callable[[str, str | None], int]:
+    """The writer of a row: all rows of one customer's subscriptions go to the same writer, in
+    input order, so two writers never race for one (subscription, id) and a subscription's
+    events are stored (`seq`) in the order they came. A subscription the book did not know at
+    the start goes by its name."""
+    if writers == 1:
+        return lambda _sub, _customer: 0
+    known = {sub.id: hash(sub.customer) % writers for sub in book.subscriptions.values()}
+
+    def route(sub: str, customer: str | None) -> int:
+        if customer is not None:
+            return hash(customer) % writers
+        found = known.get(sub)
+        return hash(sub) % writers if found is None else found
+
+    return route
 
 
 def ingest(
@@ -482,10 +514,11 @@ def ingest(
     the audit log first (`actor`, the time, `source`), and every event it stores names that entry.
 
     The calling thread reads and parses; writer threads (two on PostgreSQL, whose server inserts
-    one chunk while the next is copied; one on SQLite, which writes one transaction at a time)
-    check each chunk against the book and write it, so parsing overlaps the database's work. A
-    chunk that loses a deadlock to another writer is retried. Counts and rejections are reported
-    in input order."""
+    one writer's rows while the other's are sent; one on SQLite, which writes one transaction at
+    a time) check their rows against the book and write them, so parsing overlaps the database's
+    work. Each chunk is split between the writers by customer (`_router`). A writer's transaction
+    that loses a deadlock to another ingester is retried. Counts and rejections are reported in
+    input order."""
     book = _load_book(engine)
     if book is None:
         raise IngestError("no catalog loaded; run `billing catalog load FILE` first")
@@ -498,9 +531,10 @@ def ingest(
     summary = IngestSummary()
     grace_us = None if grace is None else grace // timedelta(microseconds=1)
     writers = WRITERS.get(engine.dialect.name, 1)
+    route = _router(book, writers)
     queues: list[queue.Queue[_Batch | None]] = [queue.Queue(maxsize=1) for _ in range(writers)]
     failure: list[BaseException] = []
-    finished: dict[int, tuple[_Batch, int, int]] = {}
+    finished: dict[int, _Done] = {}
     order = threading.Lock()
     next_batch = [0]
 
@@ -511,21 +545,25 @@ def ingest(
         if on_reject is not None:
             on_reject(rejection)
 
-    def done(batch: _Batch, inserted: int, good: int) -> None:
-        """Count and report finished batches in input order, whichever writer finished them."""
+    def done(batch: _Batch, inserted: int, good: int, rejected: list[Rejection]) -> None:
+        """Count and report finished batches in input order, whichever writers finished them."""
         with order:
-            finished[batch.number] = (batch, inserted, good)
-            while next_batch[0] in finished:
-                ready, ins, kept = finished.pop(next_batch[0])
+            state = finished.setdefault(batch.number, _Done(batch.rows))
+            state.parts += 1
+            state.inserted += inserted
+            state.good += good
+            state.rejected.extend(rejected)
+            while (ready := finished.get(next_batch[0])) is not None and ready.parts == writers:
+                del finished[next_batch[0]]
                 next_batch[0] += 1
-                summary.accepted += ins
-                summary.duplicated += kept - ins
+                summary.accepted += ready.inserted
+                summary.duplicated += ready.good - ready.inserted
                 for rejection in sorted(ready.rejected, key=lambda r: r.line):
                     report(rejection)
                 if progress is not None:
                     progress(ready.rows)
 
-    def write_all(inbox: queue.Queue[_Batch | None]) -> None:
+    def write_all(index: int, inbox: queue.Queue[_Batch | None]) -> None:
         writer = BulkWriter(engine, ingest_id)
         seen_version: tuple[int, int] | None = None
         current = book
@@ -533,7 +571,10 @@ def ingest(
         by_customer: dict[tuple[str, str], str] = {}
         try:
             while (batch := inbox.get()) is not None:
-                for attempt in range(RETRIES):
+                part = batch.parts[index]
+                rejected: list[Rejection] = batch.rejected if index == 0 else []
+                inserted = kept = 0
+                for attempt in range(RETRIES if part else 0):
                     version = writer.begin()
                     try:
                         if version != seen_version:
@@ -544,17 +585,18 @@ def ingest(
                             windows, by_customer = {}, {}
                         gate = _Gate(current, micros(clock()), grace_us, windows, by_customer)
                         good: list[Row] = []
-                        rejected: list[Rejection] = []
-                        gate.admit_all(batch.parsed, good, rejected)
+                        refused: list[Rejection] = []
+                        gate.admit_all(part, good, refused)
                         inserted = writer.write(good)
                         writer.commit()
+                        kept = len(good)
+                        rejected = rejected + refused
                         break
                     except Exception as exc:
                         writer.rollback()
                         if not writer.retryable(exc) or attempt == RETRIES - 1:
                             raise
-                batch.rejected.extend(rejected)
-                done(batch, inserted, len(good))
+                done(batch, inserted, kept, rejected)
         except BaseException as exc:  # handed to the reading thread
             failure.append(exc)
             while inbox.get() is not None:  # drain so the reader never blocks
@@ -562,14 +604,19 @@ def ingest(
         finally:
             writer.close()
 
-    threads = [threading.Thread(target=write_all, args=(inbox,), name=f"usage-ingest-writer-{i}", daemon=True)
+    def send(batch: _Batch, count: int) -> None:
+        batch.rows = count
+        for inbox in queues:
+            inbox.put(batch)
+
+    threads = [threading.Thread(target=write_all, args=(i, inbox), name=f"usage-ingest-writer-{i}", daemon=True)
                for i, inbox in enumerate(queues)]
     for thread in threads:
         thread.start()
     parse = parser.parse
     try:
-        batch = _Batch(0)
-        keep = batch.parsed.append
+        batch = _Batch(0, [[] for _ in range(writers)])
+        parts = batch.parts
         count = 0
         for line, data in rows:
             count += 1
@@ -577,20 +624,25 @@ def ingest(
                 batch.rejected.append(Rejection(line, data))
             else:
                 try:
-                    keep(parse(line, data))
+                    parsed = parse(line, data)
                 except ValueError as exc:
                     batch.rejected.append(Rejection(line, str(exc)))
+                else:
+                    parts[route(parsed[2][0], parsed[1]) if writers > 1 else 0].append(parsed)
+            if not count & 127:
+                # let a writer waiting for the interpreter lock (its database call returned) go on
+                # at once rather than after the switch interval (5 ms) that this busy thread
+                # would otherwise run for: the database would sit idle meanwhile
+                time.sleep(0)
             if count >= chunk:
                 if failure:
                     break
-                batch.rows = count
-                queues[batch.number % writers].put(batch)
-                batch = _Batch(batch.number + 1)
-                keep = batch.parsed.append
+                send(batch, count)
+                batch = _Batch(batch.number + 1, [[] for _ in range(writers)])
+                parts = batch.parts
                 count = 0
         if count and not failure:
-            batch.rows = count
-            queues[batch.number % writers].put(batch)
+            send(batch, count)
     finally:
         for inbox in queues:
             inbox.put(None)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from datetime import datetime
 from fractions import Fraction
 from typing import Any
@@ -179,6 +180,7 @@ KEYS_DDL = ("CREATE TEMPORARY TABLE IF NOT EXISTS usage_stage_keys (ord INTEGER 
 STORED_KEYS = ("SELECT k.ord FROM usage_stage_keys AS k CROSS JOIN LATERAL (SELECT 1 FROM usage_events AS e "
                "WHERE e.subscription = k.subscription AND e.key = k.key LIMIT 1) AS found")
 UNIQUE_VIOLATION = "23505"
+PROBE_CHUNKS = 8  # after a COPY met a stored key, probe the index for this many chunks at least
 
 
 CACHE_KB = 65_536
@@ -202,6 +204,11 @@ class BulkWriter:
         self.raw = engine.raw_connection()
         self.dbapi: Any = self.raw.driver_connection
         self._staged = False
+        # PostgreSQL (see _write_postgresql): the keys of the chunk written last and of the one
+        # committed last, and how many more chunks to probe the index for
+        self._pending: AbstractSet[tuple[str, str]] = frozenset()
+        self._recent: AbstractSet[tuple[str, str]] = frozenset()
+        self._probing = 0
         self._json = False
         if self.dialect == "sqlite":
             # a larger page cache while the indexes grow (SQLite's default is 2 MB)
@@ -248,36 +255,57 @@ class BulkWriter:
                     f"INSERT OR IGNORE INTO usage_events ({COLUMNS}, ingest_id) "  # noqa: S608
                     f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, {self._ingest_sql})", rows)
             return int(self.dbapi.total_changes - before)
+        return self._write_postgresql(rows)
+
+    def _write_postgresql(self, rows: Sequence[Row]) -> int:
+        """PostgreSQL: the chunk's new rows straight into the table by one COPY, which it writes
+        in batches — much cheaper than `INSERT … ON CONFLICT` row by row. A row is new unless
+        its key came earlier in the chunk (the first of each key is kept) or is stored already:
+        in the chunk this writer committed last (a repeated event is usually a recent one), or —
+        after a COPY has met a stored key — as found by probing the unique index for every key.
+        A key stored by another ingester meanwhile fails the COPY: `_insert_staged` then."""
+        pairs = [(row[0], row[7]) for row in rows]
+        # the first row of each key, by its place (built in reverse, the dict keeps the smallest)
+        first = dict(zip(reversed(pairs), range(len(pairs) - 1, -1, -1), strict=True))
+        self._pending = first.keys()
         with self.dbapi.cursor() as cur:
-            # the new rows, found by probing the unique index, go straight in by COPY (PostgreSQL
-            # then writes them in batches, much cheaper than an INSERT … ON CONFLICT row by row)
+            if not self._probing:
+                fresh = set(first.values())
+                fresh.difference_update(first[key] for key in first.keys() & self._recent)
+                inserted = self._copy_new(cur, rows, fresh)
+                if inserted is not None:
+                    return inserted
+                self._probing = PROBE_CHUNKS
             with cur.copy("COPY usage_stage_keys (ord, subscription, key) FROM STDIN") as copy:
-                for ord_, row in enumerate(rows):
-                    copy.write_row((ord_, row[0], row[7]))
+                for ord_, pair in enumerate(pairs):
+                    copy.write_row((ord_, *pair))
             cur.execute(STORED_KEYS)
             stored = {int(found) for (found,) in cur.fetchall()}
-            fresh: list[tuple[Any, ...]] = []
-            seen: set[tuple[str, str]] = set()
-            ingest_id = self.ingest_id
-            for ord_, row in enumerate(rows):
-                key = (row[0], row[7])
-                if ord_ in stored or key in seen:
-                    continue  # stored already, or earlier in this chunk: a duplicate
-                seen.add(key)
-                fresh.append((*row, ingest_id))
-            cur.execute("SAVEPOINT usage_copy")
-            try:
-                with cur.copy(f"COPY usage_events ({COLUMNS}, ingest_id) FROM STDIN") as copy:  # noqa: S608
-                    for values in fresh:
-                        copy.write_row(values)
-            except Exception as exc:
-                if getattr(exc, "sqlstate", None) != UNIQUE_VIOLATION:
-                    raise
-                # another ingester stored one of these keys since the probe: the conflict-proof way
-                cur.execute("ROLLBACK TO SAVEPOINT usage_copy")
-                return self._insert_staged(cur, rows)
-            cur.execute("RELEASE SAVEPOINT usage_copy")
-            return len(fresh)
+            if any(pairs[ord_] not in self._recent for ord_ in stored):
+                self._probing = PROBE_CHUNKS
+            else:
+                self._probing = max(0, self._probing - 1)
+            fresh = set(first.values())
+            fresh.difference_update(stored)
+            inserted = self._copy_new(cur, rows, fresh)
+            return self._insert_staged(cur, rows) if inserted is None else inserted
+
+    def _copy_new(self, cur: Any, rows: Sequence[Row], fresh: set[int]) -> int | None:
+        """COPY `rows[i]` for each `i` in `fresh`, in order; None (and nothing written) when one
+        of them turns out to be stored already."""
+        ingest_id = self.ingest_id
+        cur.execute("SAVEPOINT usage_copy")
+        try:
+            with cur.copy(f"COPY usage_events ({COLUMNS}, ingest_id) FROM STDIN") as copy:  # noqa: S608
+                for ord_ in sorted(fresh):
+                    copy.write_row((*rows[ord_], ingest_id))
+        except Exception as exc:
+            if getattr(exc, "sqlstate", None) != UNIQUE_VIOLATION:
+                raise
+            cur.execute("ROLLBACK TO SAVEPOINT usage_copy")
+            return None
+        cur.execute("RELEASE SAVEPOINT usage_copy")
+        return len(fresh)
 
     def _insert_staged(self, cur: Any, rows: Sequence[Row]) -> int:
         """PostgreSQL: COPY into the staging table, then `INSERT … ON CONFLICT DO NOTHING` in
@@ -296,6 +324,7 @@ class BulkWriter:
 
     def commit(self) -> None:
         self.dbapi.commit()
+        self._recent, self._pending = self._pending, frozenset()
 
     def retryable(self, exc: BaseException) -> bool:
         """A deadlock or serialization failure (PostgreSQL), a busy database (SQLite): the
@@ -307,6 +336,7 @@ class BulkWriter:
 
     def rollback(self) -> None:
         self.dbapi.rollback()
+        self._pending = frozenset()
 
 
 _JSON_COLUMNS = ", ".join(f"json_extract(j.value, '$[{i}]')" for i in range(9))
