@@ -100,8 +100,8 @@ def _measurer(metric: Metric) -> Measurer:
 
     def by_property(value: Decimal | int, _scaled: int, props: Mapping[str, Any]) -> Measurement:
         raw = props.get(field_name)
-        if isinstance(raw, str) and raw[:1].isalpha() and raw[0] not in "iInNsS":
-            # a letter first (other than Inf, NaN, sNaN): not a decimal, `measure` gives no quantity
+        if isinstance(raw, str) and raw[:1].isalpha():
+            # a letter first: not a decimal, or an infinity or NaN — `measure` gives no quantity
             matched = all(str(props.get(k)) == v for k, v in filters) if filters else True
             return matched, None, raw if distinct else None
         return measure(metric, Decimal(value), props)
@@ -255,9 +255,22 @@ def open_reader(stream: IO[bytes], kind: str) -> Iterator[tuple[int, Mapping[str
 # -- checking one row ---------------------------------------------------------------------------
 
 
-Parsed = tuple[int, str | None, Row]
-"""(line, customer, row): a row read and measured, not yet checked against the book. A row that
-names its customer instead of its subscription has "" in the row's subscription place."""
+@dataclass
+class _Part:
+    """Rows read and measured, not yet checked against the book, with their line numbers; a row
+    that names its customer instead of its subscription has "" in the row's subscription place
+    and its customer in `customers` (by its index). Parallel lists, not a tuple per row: fewer
+    objects for the garbage collector to track."""
+
+    lines: list[int] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)
+    customers: dict[int, str] = field(default_factory=dict)
+
+    def add(self, line: int, customer: str | None, row: Row) -> None:
+        if customer is not None:
+            self.customers[len(self.rows)] = customer
+        self.lines.append(line)
+        self.rows.append(row)
 
 _EMPTY: dict[str, Any] = {}
 
@@ -269,8 +282,8 @@ class _Parser:
     def __init__(self, metrics: Iterable[Metric]) -> None:
         self.measurers: dict[str, Measurer] = {m.code: _measurer(m) for m in metrics}
 
-    def parse(self, line: int, data: Mapping[str, Any]) -> Parsed:
-        """The parsed row, or ValueError with the reason."""
+    def parse(self, data: Mapping[str, Any]) -> tuple[str | None, Row]:
+        """(customer, row) (see `_Part`), or ValueError with the reason."""
         if len(data) > 7 or not FIELDS.issuperset(data):
             unknown = sorted(set(data) - FIELDS)
             raise ValueError(f"{unknown[0]}: unknown field")
@@ -325,8 +338,8 @@ class _Parser:
             text = _props_text(props) if props else "{}"
         matched, quantity, dim = measurer(value, scaled_value, props)
         if sub is None:
-            return (line, customer, ("", metric_code, at, scaled_value, matched, quantity, dim, key, text))
-        return (line, None, (sub, metric_code, at, scaled_value, matched, quantity, dim, key, text))
+            return customer, ("", metric_code, at, scaled_value, matched, quantity, dim, key, text)
+        return None, (sub, metric_code, at, scaled_value, matched, quantity, dim, key, text)
 
 
 class _Gate:
@@ -374,9 +387,8 @@ class _Gate:
             found = self.by_customer[key] = live[0]
         return found
 
-    def admit(self, parsed: Parsed) -> Row:
+    def admit(self, row: Row, customer: str | None) -> Row:
         """The row to store, or ValueError with the reason."""
-        _, customer, row = parsed
         sub, metric, at = row[0], row[1], row[2]
         if customer is not None:
             sub = self.subscription_of(customer, metric)
@@ -389,22 +401,22 @@ class _Gate:
             raise ValueError(reason)
         return row
 
-    def admit_all(self, parsed: Iterable[Parsed], good: list[Row], rejected: list[Rejection]) -> None:
+    def admit_all(self, part: _Part, good: list[Row], rejected: list[Rejection]) -> None:
         """`admit` each row into `good` or `rejected`; a row inside its window's accepting span
         (most of them) costs a lookup and a comparison."""
         bounds = self.bounds
         keep = good.append
-        for item in parsed:
-            row = item[2]
-            if item[1] is None:
+        customers = part.customers
+        for index, row in enumerate(part.rows):
+            if not customers or index not in customers:
                 span = bounds.get((row[0], row[1]))
                 if span is not None and span[0] <= row[2] < span[1]:
                     keep(row)
                     continue
             try:
-                keep(self.admit(item))
+                keep(self.admit(row, customers.get(index)))
             except ValueError as exc:
-                rejected.append(Rejection(item[0], str(exc)))
+                rejected.append(Rejection(part.lines[index], str(exc)))
 
 
 _NEVER = -(2**63)
@@ -461,7 +473,7 @@ class _Batch:
     """A chunk of input: its rows parsed into one part per writer, and the parser's rejections."""
 
     number: int
-    parts: list[list[Parsed]]
+    parts: list[_Part]
     rejected: list[Rejection] = field(default_factory=list)
     rows: int = 0
 
@@ -574,7 +586,7 @@ def ingest(
                 part = batch.parts[index]
                 rejected: list[Rejection] = batch.rejected if index == 0 else []
                 inserted = kept = 0
-                for attempt in range(RETRIES if part else 0):
+                for attempt in range(RETRIES if part.rows else 0):
                     version = writer.begin()
                     try:
                         if version != seen_version:
@@ -615,7 +627,7 @@ def ingest(
         thread.start()
     parse = parser.parse
     try:
-        batch = _Batch(0, [[] for _ in range(writers)])
+        batch = _Batch(0, [_Part() for _ in range(writers)])
         parts = batch.parts
         count = 0
         for line, data in rows:
@@ -624,11 +636,11 @@ def ingest(
                 batch.rejected.append(Rejection(line, data))
             else:
                 try:
-                    parsed = parse(line, data)
+                    customer, row = parse(data)
                 except ValueError as exc:
                     batch.rejected.append(Rejection(line, str(exc)))
                 else:
-                    parts[route(parsed[2][0], parsed[1]) if writers > 1 else 0].append(parsed)
+                    parts[route(row[0], customer) if writers > 1 else 0].add(line, customer, row)
             if not count & 127:
                 # let a writer waiting for the interpreter lock (its database call returned) go on
                 # at once rather than after the switch interval (5 ms) that this busy thread
@@ -638,7 +650,7 @@ def ingest(
                 if failure:
                     break
                 send(batch, count)
-                batch = _Batch(batch.number + 1, [[] for _ in range(writers)])
+                batch = _Batch(batch.number + 1, [_Part() for _ in range(writers)])
                 parts = batch.parts
                 count = 0
         if count and not failure:
