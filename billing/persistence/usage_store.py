@@ -4,11 +4,17 @@ aggregation of a period in SQL (billing.usage describes the columns and the rule
 - `SqlUsage` is the `billing.usage.UsageSource` of the services: it records a scenario's `usage`
   event in the command's own transaction and aggregates one (subscription, metric, period) with
   one query on the `(subscription, metric, at)` index.
-- `BulkWriter` writes the ingester's chunks: on SQLite `INSERT OR IGNORE` by `executemany` on the
-  raw driver; on PostgreSQL `COPY` into a temporary staging table, then one
-  `INSERT … SELECT … ON CONFLICT DO NOTHING`. Both count the rows the unique
-  `(subscription, key)` constraint kept out — duplicates — from the row counts, so two processes
-  ingesting one file at once never store an event twice.
+- `BulkWriter` writes the ingester's chunks. SQLite: one `INSERT OR IGNORE … SELECT … FROM
+  json_each(?)` of the whole chunk as a JSON array (SQLite runs it without holding Python's
+  interpreter lock, so the next chunk is parsed meanwhile), or `executemany` for a chunk JSON
+  cannot carry exactly (a NUL character); the unique `(subscription, key)` constraint keeps
+  duplicates out and the change count says how many. PostgreSQL: the chunk's new rows by one
+  `COPY` straight into the table — new meaning not earlier in the chunk, not in the chunk this
+  writer committed last and, once a COPY has met a stored key, not found by probing the unique
+  index — and, when the constraint refuses that COPY (another ingester stored a key meanwhile),
+  `COPY` into a temporary staging table, then `INSERT … SELECT … ON CONFLICT DO NOTHING`. Either
+  way the database's constraint decides, so two processes ingesting one file at once never
+  store an event twice.
 - `aggregate_all` aggregates one period for every subscription at once (the bench, reports).
 """
 
@@ -188,7 +194,8 @@ BOOK_TOKEN = "SELECT COUNT(*), COALESCE(SUM(version), 0) FROM customer_books"
 
 
 class BulkWriter:
-    """Writes chunks of rows in transactions of its own on one raw driver connection.
+    """Writes chunks of rows in transactions of its own on one raw driver connection (see the
+    module docstring for how).
 
     Each chunk is one transaction that first reads a token of the book's state (the customer
     parts' count and versions) — on PostgreSQL after `LOCK TABLE customer_books IN SHARE MODE`
