@@ -95,7 +95,7 @@ def _measurer(metric: Metric) -> Measurer:
         if not filters:
             if distinct:
                 return lambda value, scaled_value, _props: (True, scaled_value, str(value))
-            return lambda _value, scaled_value, _props: (True, scaled_value, None)
+            return _PLAIN
         if len(filters) == 1:
             ((name, wanted),) = filters
             if distinct:
@@ -113,6 +113,16 @@ def _measurer(metric: Metric) -> Measurer:
         return measure(metric, Decimal(value), props)
 
     return by_property
+
+
+def _plain(_value: Decimal | int, scaled_value: int, _props: Mapping[str, Any]) -> Measurement:
+    """The measure of a metric of the value itself, unfiltered, not a distinct count (the parser
+    inlines it: see `_Parser.parse`)."""
+    return True, scaled_value, None
+
+
+_PLAIN: Measurer = _plain
+_fromisoformat = datetime.fromisoformat
 
 
 def _props_text(props: Mapping[str, Any]) -> str:
@@ -290,7 +300,7 @@ class _Parser:
 
     def parse(self, data: Mapping[str, Any]) -> tuple[str | None, Row]:
         """(customer, row) (see `_Part`), or ValueError with the reason."""
-        if len(data) > 7 or not FIELDS.issuperset(data):
+        if not FIELDS.issuperset(data):
             unknown = sorted(set(data) - FIELDS)
             raise ValueError(f"{unknown[0]}: unknown field")
         get = data.get
@@ -305,17 +315,20 @@ class _Parser:
         if sub is None:
             if not isinstance(customer, str) or not customer:
                 raise ValueError("subscription: missing (give subscription or customer)")
-        elif not isinstance(sub, str) or customer is not None:
+        elif customer is not None or not isinstance(sub, str):
             raise ValueError("subscription: must be a string (and not given with customer)")
         key = get("id")
-        if isinstance(key, int) and not isinstance(key, bool):
-            key = str(key)
-        if not isinstance(key, str) or not key or len(key) > 500:
+        if not isinstance(key, str):
+            if isinstance(key, int) and not isinstance(key, bool):
+                key = str(key)
+            else:
+                raise ValueError("id: missing or not a string of 1 to 500 characters")
+        if not key or len(key) > 500:
             raise ValueError("id: missing or not a string of 1 to 500 characters")
         raw_at = get("at")
         if isinstance(raw_at, str) and len(raw_at) > 10:
             try:
-                moment = datetime.fromisoformat(raw_at)
+                moment = _fromisoformat(raw_at)
             except ValueError:
                 raise ValueError(f"at: {raw_at!r} is not an ISO 8601 time") from None
             if moment.tzinfo is None:
@@ -336,6 +349,10 @@ class _Parser:
                 raise ValueError(str(exc)) from None
         props = get("properties")
         if props is None:
+            if measurer is _PLAIN:  # the commonest row: a count or sum of the value, no properties
+                if sub is None:
+                    return customer, ("", metric_code, at, scaled_value, True, scaled_value, None, key, "{}")
+                return None, (sub, metric_code, at, scaled_value, True, scaled_value, None, key, "{}")
             props = _EMPTY
             text = "{}"
         elif not isinstance(props, dict):
