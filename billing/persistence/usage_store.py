@@ -186,6 +186,9 @@ KEYS_DDL = ("CREATE TEMPORARY TABLE IF NOT EXISTS usage_stage_keys (ord INTEGER 
 STORED_KEYS = ("SELECT k.ord FROM usage_stage_keys AS k CROSS JOIN LATERAL (SELECT 1 FROM usage_events AS e "
                "WHERE e.subscription = k.subscription AND e.key = k.key LIMIT 1) AS found")
 UNIQUE_VIOLATION = "23505"
+DATA_EXCEPTION = "22"  # SQLSTATE class: a value the column cannot take
+# the binary COPY's column types, in COLUMNS order, then ingest_id
+BINARY_TYPES = ["varchar", "varchar", "int8", "int8", "bool", "int8", "text", "varchar", "text", "int4"]
 PROBE_CHUNKS = 8  # after a COPY met a stored key, probe the index for this many chunks at least
 
 
@@ -299,20 +302,32 @@ class BulkWriter:
 
     def _copy_new(self, cur: Any, rows: Sequence[Row], fresh: set[int]) -> int | None:
         """COPY `rows[i]` for each `i` in `fresh`, in order; None (and nothing written) when one
-        of them turns out to be stored already."""
+        of them turns out to be stored already. Binary COPY (about half the work of text on both
+        sides); a value it refuses as data (a NUL character) is sent again as text, which fails
+        as it always has."""
         ingest_id = self.ingest_id
-        cur.execute("SAVEPOINT usage_copy")
-        try:
-            with cur.copy(f"COPY usage_events ({COLUMNS}, ingest_id) FROM STDIN") as copy:  # noqa: S608
-                for ord_ in sorted(fresh):
-                    copy.write_row((*rows[ord_], ingest_id))
-        except Exception as exc:
-            if getattr(exc, "sqlstate", None) != UNIQUE_VIOLATION:
+        order = sorted(fresh)
+        for binary in (True, False):
+            cur.execute("SAVEPOINT usage_copy")
+            try:
+                with cur.copy(f"COPY usage_events ({COLUMNS}, ingest_id) FROM STDIN"  # noqa: S608
+                              f"{' (FORMAT BINARY)' if binary else ''}") as copy:
+                    if binary:
+                        copy.set_types(BINARY_TYPES)
+                    for ord_ in order:
+                        copy.write_row((*rows[ord_], ingest_id))
+            except Exception as exc:
+                code = getattr(exc, "sqlstate", None) or ""
+                if code == UNIQUE_VIOLATION:
+                    cur.execute("ROLLBACK TO SAVEPOINT usage_copy")
+                    return None
+                if binary and code.startswith(DATA_EXCEPTION):
+                    cur.execute("ROLLBACK TO SAVEPOINT usage_copy")
+                    continue
                 raise
-            cur.execute("ROLLBACK TO SAVEPOINT usage_copy")
-            return None
-        cur.execute("RELEASE SAVEPOINT usage_copy")
-        return len(fresh)
+            cur.execute("RELEASE SAVEPOINT usage_copy")
+            break
+        return len(order)
 
     def _insert_staged(self, cur: Any, rows: Sequence[Row]) -> int:
         """PostgreSQL: COPY into the staging table, then `INSERT … ON CONFLICT DO NOTHING` in
