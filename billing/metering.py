@@ -75,10 +75,6 @@ RETRIES = 5
 FIELDS = frozenset({"subscription", "customer", "metric", "at", "value", "id", "properties"})
 KEPT_REJECTIONS = 1_000
 _DECODER = json.JSONDecoder(parse_float=Decimal)
-# orjson reads a JSON line several times faster than `_DECODER` and gives the same objects, except
-# that it turns a number with a fraction or an exponent, or an integer beyond 64 bits, into a
-# binary float. So a line with a `.` goes to `_DECODER` (whose decimals are exact), and so does
-# one that orjson gave a float (`_has_float`) or refused (for the same reason as ever).
 _PROPS_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)  # = json.dumps(…, separators, default=str)
 _BOUND = 10**12  # |value| below this (billing.usage.MAX_VALUE)
 Measurement = tuple[bool, int | None, str | None]  # (matched, quantity, dim): billing.usage.measure
@@ -188,12 +184,18 @@ class IngestError(ValueError):
 
 def read_jsonl(stream: IO[bytes] | IO[str]) -> Iterator[tuple[int, Mapping[str, Any] | str]]:
     """(line number, object) per non-blank line; (line number, reason) for a line that is not a
-    JSON object. Numbers with a fraction are read as exact decimals, never floats."""
+    JSON object. Numbers with a fraction are read as exact decimals, never floats.
+
+    orjson reads a line several times faster than the standard decoder and gives the same
+    objects, except that it makes a binary float of a number with a fraction or an exponent, or
+    of an integer beyond 64 bits. So a line with a `.` goes to the standard decoder (with exact
+    decimals), and so does one that orjson gave a float anywhere or refused (which then fails
+    with the standard decoder's reason, as ever)."""
     lines: Iterable[str | bytes] = stream
     decode = _DECODER.decode
     fast = orjson.loads
     for number, line in enumerate(lines, start=1):
-        if "." not in line if isinstance(line, str) else b"." not in line:  # see _has_float
+        if "." not in line if isinstance(line, str) else b"." not in line:
             try:
                 read = fast(line)
             except orjson.JSONDecodeError:
@@ -288,7 +290,8 @@ class _Part:
         self.lines.append(line)
         self.rows.append(row)
 
-_EMPTY: dict[str, Any] = {}
+
+_EMPTY: dict[str, Any] = {}  # the properties of a row without any (only ever read)
 
 
 class _Parser:
