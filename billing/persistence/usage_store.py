@@ -4,22 +4,31 @@ aggregation of a period in SQL (billing.usage describes the columns and the rule
 - `SqlUsage` is the `billing.usage.UsageSource` of the services: it records a scenario's `usage`
   event in the command's own transaction and aggregates one (subscription, metric, period) with
   one query on the `(subscription, metric, at)` index.
-- `BulkWriter` writes the ingester's chunks: on SQLite `INSERT OR IGNORE` by `executemany` on the
-  raw driver; on PostgreSQL `COPY` into a temporary staging table, then one
-  `INSERT … SELECT … ON CONFLICT DO NOTHING`. Both count the rows the unique
-  `(subscription, key)` constraint kept out — duplicates — from the row counts, so two processes
-  ingesting one file at once never store an event twice.
+- `BulkWriter` writes the ingester's chunks. SQLite: one `INSERT OR IGNORE … SELECT … FROM
+  json_each(?)` of the whole chunk as a JSON array (SQLite runs it without holding Python's
+  interpreter lock, so the next chunk is parsed meanwhile), or `executemany` for a chunk JSON
+  cannot carry exactly (a NUL character); the unique `(subscription, key)` constraint keeps
+  duplicates out and the change count says how many. PostgreSQL: the chunk's new rows by one
+  `COPY` straight into the table — new meaning not earlier in the chunk, not in the chunk this
+  writer committed last and, once a COPY has met a stored key, not found by probing the unique
+  index — and, when the constraint refuses that COPY (another ingester stored a key meanwhile),
+  `COPY` into a temporary staging table, then `INSERT … SELECT … ON CONFLICT DO NOTHING`. Either
+  way the database's constraint decides, so two processes ingesting one file at once never
+  store an event twice.
 - `aggregate_all` aggregates one period for every subscription at once (the bench, reports).
 """
 
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from datetime import datetime
 from fractions import Fraction
 from typing import Any
 
+import orjson
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
@@ -170,6 +179,17 @@ STAGE_DDL = (
     "metric TEXT NOT NULL, at BIGINT NOT NULL, value BIGINT NOT NULL, matched BOOLEAN NOT NULL, "
     "quantity BIGINT, dim TEXT, key TEXT NOT NULL, properties TEXT NOT NULL) ON COMMIT DELETE ROWS"
 )
+KEYS_DDL = ("CREATE TEMPORARY TABLE IF NOT EXISTS usage_stage_keys (ord INTEGER NOT NULL, subscription TEXT NOT NULL, "
+            "key TEXT NOT NULL) ON COMMIT DELETE ROWS")
+# the chunk's rows whose (subscription, key) is stored already: one index probe each (LATERAL …
+# LIMIT 1 keeps the planner from hashing the whole table)
+STORED_KEYS = ("SELECT k.ord FROM usage_stage_keys AS k CROSS JOIN LATERAL (SELECT 1 FROM usage_events AS e "
+               "WHERE e.subscription = k.subscription AND e.key = k.key LIMIT 1) AS found")
+UNIQUE_VIOLATION = "23505"
+DATA_EXCEPTION = "22"  # SQLSTATE class: a value the column cannot take
+# the binary COPY's column types, in COLUMNS order, then ingest_id
+BINARY_TYPES = ["varchar", "varchar", "int8", "int8", "bool", "int8", "text", "varchar", "text", "int4"]
+PROBE_CHUNKS = 8  # after a COPY met a stored key, probe the index for this many chunks at least
 
 
 CACHE_KB = 65_536
@@ -177,7 +197,8 @@ BOOK_TOKEN = "SELECT COUNT(*), COALESCE(SUM(version), 0) FROM customer_books"
 
 
 class BulkWriter:
-    """Writes chunks of rows in transactions of its own on one raw driver connection.
+    """Writes chunks of rows in transactions of its own on one raw driver connection (see the
+    module docstring for how).
 
     Each chunk is one transaction that first reads a token of the book's state (the customer
     parts' count and versions) — on PostgreSQL after `LOCK TABLE customer_books IN SHARE MODE`
@@ -193,10 +214,17 @@ class BulkWriter:
         self.raw = engine.raw_connection()
         self.dbapi: Any = self.raw.driver_connection
         self._staged = False
+        # PostgreSQL (see _write_postgresql): the keys of the chunk written last and of the one
+        # committed last, and how many more chunks to probe the index for
+        self._pending: AbstractSet[tuple[str, str]] = frozenset()
+        self._recent: AbstractSet[tuple[str, str]] = frozenset()
+        self._probing = 0
+        self._json = False
         if self.dialect == "sqlite":
             # a larger page cache while the indexes grow (SQLite's default is 2 MB)
             self._cache = self.dbapi.execute("PRAGMA cache_size").fetchone()[0]
             self.dbapi.execute(f"PRAGMA cache_size = {-CACHE_KB}")
+            self._json = _has_json(self.dbapi)
 
     def close(self) -> None:
         if self.dialect == "sqlite":
@@ -213,6 +241,7 @@ class BulkWriter:
             with self.dbapi.cursor() as cur:
                 if not self._staged:
                     cur.execute(STAGE_DDL)
+                    cur.execute(KEYS_DDL)
                     self._staged = True
                 cur.execute("LOCK TABLE customer_books IN SHARE MODE")
                 cur.execute(BOOK_TOKEN)
@@ -225,18 +254,91 @@ class BulkWriter:
             return 0
         if self.dialect == "sqlite":
             before = self.dbapi.total_changes
-            self.dbapi.executemany(
-                f"INSERT OR IGNORE INTO usage_events ({COLUMNS}, ingest_id) "  # noqa: S608
-                f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, {self._ingest_sql})", rows)
+            payload = _json_rows(rows) if self._json else None
+            if payload is not None:
+                # one statement: SQLite inserts the whole chunk in one step, without Python's lock
+                self.dbapi.execute(
+                    f"INSERT OR IGNORE INTO usage_events ({COLUMNS}, ingest_id) SELECT {_JSON_COLUMNS}, "  # noqa: S608
+                    f"{self._ingest_sql} FROM json_each(?) AS j ORDER BY j.key", (payload,))
+            else:
+                self.dbapi.executemany(
+                    f"INSERT OR IGNORE INTO usage_events ({COLUMNS}, ingest_id) "  # noqa: S608
+                    f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, {self._ingest_sql})", rows)
             return int(self.dbapi.total_changes - before)
+        return self._write_postgresql(rows)
+
+    def _write_postgresql(self, rows: Sequence[Row]) -> int:
+        """PostgreSQL: the chunk's new rows straight into the table by one COPY, which it writes
+        in batches — much cheaper than `INSERT … ON CONFLICT` row by row. A row is new unless
+        its key came earlier in the chunk (the first of each key is kept) or is stored already:
+        in the chunk this writer committed last (a repeated event is usually a recent one), or —
+        after a COPY has met a stored key — as found by probing the unique index for every key.
+        A key stored by another ingester meanwhile fails the COPY: `_insert_staged` then."""
+        pairs = [(row[0], row[7]) for row in rows]
+        # the first row of each key, by its place (built in reverse, the dict keeps the smallest)
+        first = dict(zip(reversed(pairs), range(len(pairs) - 1, -1, -1), strict=True))
+        self._pending = first.keys()
         with self.dbapi.cursor() as cur:
-            with cur.copy(f"COPY usage_stage (ord, {COLUMNS}) FROM STDIN") as copy:  # noqa: S608
-                for ord_, row in enumerate(rows):
-                    copy.write_row((ord_, *row))
-            cur.execute(f"INSERT INTO usage_events ({COLUMNS}, ingest_id) "  # noqa: S608
-                        f"SELECT {COLUMNS}, {self._ingest_sql} FROM usage_stage "
-                        "ORDER BY ord ON CONFLICT (subscription, key) DO NOTHING")
-            return int(cur.rowcount)  # the staged rows go at commit (ON COMMIT DELETE ROWS)
+            if not self._probing:
+                fresh = set(first.values())
+                fresh.difference_update(first[key] for key in first.keys() & self._recent)
+                inserted = self._copy_new(cur, rows, fresh)
+                if inserted is not None:
+                    return inserted
+                self._probing = PROBE_CHUNKS
+            with cur.copy("COPY usage_stage_keys (ord, subscription, key) FROM STDIN") as copy:
+                for ord_, pair in enumerate(pairs):
+                    copy.write_row((ord_, *pair))
+            cur.execute(STORED_KEYS)
+            stored = {int(found) for (found,) in cur.fetchall()}
+            if any(pairs[ord_] not in self._recent for ord_ in stored):
+                self._probing = PROBE_CHUNKS
+            else:
+                self._probing = max(0, self._probing - 1)
+            fresh = set(first.values())
+            fresh.difference_update(stored)
+            inserted = self._copy_new(cur, rows, fresh)
+            return self._insert_staged(cur, rows) if inserted is None else inserted
+
+    def _copy_new(self, cur: Any, rows: Sequence[Row], fresh: set[int]) -> int | None:
+        """COPY `rows[i]` for each `i` in `fresh`, in order; None (and nothing written) when one
+        of them turns out to be stored already. Binary COPY (about half the work of text on both
+        sides); a value it refuses as data (a NUL character) is sent again as text, which fails
+        as it always has."""
+        ingest_id = self.ingest_id
+        order = sorted(fresh)
+        for binary in (True, False):
+            cur.execute("SAVEPOINT usage_copy")
+            try:
+                with cur.copy(f"COPY usage_events ({COLUMNS}, ingest_id) FROM STDIN"  # noqa: S608
+                              f"{' (FORMAT BINARY)' if binary else ''}") as copy:
+                    if binary:
+                        copy.set_types(BINARY_TYPES)
+                    for ord_ in order:
+                        copy.write_row((*rows[ord_], ingest_id))
+            except Exception as exc:
+                code = getattr(exc, "sqlstate", None) or ""
+                if code == UNIQUE_VIOLATION:
+                    cur.execute("ROLLBACK TO SAVEPOINT usage_copy")
+                    return None
+                if binary and code.startswith(DATA_EXCEPTION):
+                    cur.execute("ROLLBACK TO SAVEPOINT usage_copy")
+                    continue
+                raise
+            cur.execute("RELEASE SAVEPOINT usage_copy")
+            break
+        return len(order)
+
+    def _insert_staged(self, cur: Any, rows: Sequence[Row]) -> int:
+        """PostgreSQL: COPY into the staging table, then `INSERT … ON CONFLICT DO NOTHING` in
+        input order; how many were new."""
+        with cur.copy(f"COPY usage_stage (ord, {COLUMNS}) FROM STDIN") as copy:  # noqa: S608
+            for ord_, row in enumerate(rows):
+                copy.write_row((ord_, *row))
+        cur.execute(f"INSERT INTO usage_events ({COLUMNS}, ingest_id) "  # noqa: S608
+                    f"SELECT {COLUMNS}, {self._ingest_sql} FROM usage_stage "
+                    "ORDER BY ord ON CONFLICT (subscription, key) DO NOTHING")
+        return int(cur.rowcount)  # the staged rows go at commit (ON COMMIT DELETE ROWS)
 
     @property
     def _ingest_sql(self) -> str:
@@ -244,6 +346,7 @@ class BulkWriter:
 
     def commit(self) -> None:
         self.dbapi.commit()
+        self._recent, self._pending = self._pending, frozenset()
 
     def retryable(self, exc: BaseException) -> bool:
         """A deadlock or serialization failure (PostgreSQL), a busy database (SQLite): the
@@ -255,6 +358,33 @@ class BulkWriter:
 
     def rollback(self) -> None:
         self.dbapi.rollback()
+        self._pending = frozenset()
+
+
+_JSON_COLUMNS = ", ".join(f"json_extract(j.value, '$[{i}]')" for i in range(9))
+
+
+def _has_json(dbapi: Any) -> bool:
+    """Whether this SQLite has its JSON functions (built in since 3.38, an option before)."""
+    try:
+        dbapi.execute("SELECT json_extract('[1]', '$[0]') FROM json_each('[1]')").fetchall()
+    except sqlite3.OperationalError:  # no such function
+        return False
+    return True
+
+
+def _json_rows(rows: Sequence[Row]) -> str | None:
+    """The rows as one JSON array of arrays for `json_each`, or None where SQLite would not read
+    back exactly what Python holds: a NUL character (SQLite's JSON strings end at it), a lone
+    surrogate (not UTF-8; the row-by-row insert reports it as ever). Integers are below 2^63
+    (values and quantities below 10^18, instants in microseconds), which SQLite reads exactly."""
+    try:
+        payload = orjson.dumps(rows)
+    except TypeError:  # orjson.JSONEncodeError: a lone surrogate
+        return None
+    if b"\\u0000" in payload:
+        return None
+    return payload.decode()
 
 
 class BatchedUsage:

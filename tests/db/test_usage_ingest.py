@@ -235,3 +235,66 @@ def test_seat_saturation_is_an_expansion_readiness_signal(db: Db) -> None:
     (ready,) = expansion_readiness(db.engine, as_of=as_of)
     assert (ready["subscription"], ready["seat_saturation"], ready["signals"]) == ("acme-team", "100.00",
                                                                                   ["seats_saturated"])
+
+
+def _events(db: Db) -> list[tuple[Any, ...]]:
+    with db.engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(text(
+            "SELECT subscription, metric, at, value, matched, quantity, dim, key, properties, ingest_id "
+            "FROM usage_events ORDER BY seq"))]
+
+
+def test_awkward_text_is_stored_exactly(db: Db) -> None:
+    """Ids and properties with tabs, newlines, backslashes, quotes, DEL and non-ASCII text are
+    stored as given (the bulk paths write them in their own formats); on SQLite also a NUL."""
+    _book(db)
+    texts = ["tab\there", "new\nline", "cr\rx", "back\\slash", 'quote"d', "del\x7f", "été ✓", "\\N", "a\\tb"]
+    batches = [texts, ["nul\x00byte"]] if db.backend == "sqlite" else [texts]
+    for batch in batches:  # a NUL on its own: SQLite writes its chunk row by row
+        rows: list[dict[str, Any] | str] = [
+            {"subscription": "acme-team", "metric": "users", "at": "2026-01-05T10:00:00Z", "value": 1, "id": t,
+             "properties": {"user": t, t: t}} for t in batch]
+        summary = ingest(db.engine, read_jsonl(_jsonl(rows)), clock=_clock("2026-01-06T00:00:00+00:00"))
+        assert (summary.accepted, summary.duplicated, summary.rejected) == (len(batch), 0, 0)
+    texts = [t for batch in batches for t in batch]
+    stored = _events(db)
+    assert [r[7] for r in stored] == texts
+    assert [r[6] for r in stored] == texts
+    assert [r[8] for r in stored] == [json.dumps({"user": t, t: t}, separators=(",", ":")) for t in texts]
+
+
+def test_a_later_file_repeating_stored_events_counts_them_as_duplicates(db: Db) -> None:
+    """Chunks whose ids are partly stored already (the first chunks new, later ones not)."""
+    _book(db)
+
+    def rows(ids: range) -> list[dict[str, Any] | str]:
+        return [{"subscription": "acme-team" if i % 2 else "beta-team", "metric": "api", "value": i,
+                 "at": f"2026-01-{1 + i % 18:02d}T00:00:00Z", "id": f"k{i}"} for i in ids]
+
+    clock = _clock("2026-01-19T00:00:00+00:00")
+    first = ingest(db.engine, read_jsonl(_jsonl(rows(range(40, 100)))), clock=clock, chunk=10)
+    assert (first.accepted, first.duplicated, first.rejected) == (60, 0, 0)
+    again = ingest(db.engine, read_jsonl(_jsonl(rows(range(0, 120)) + rows(range(0, 5)))), clock=clock, chunk=10)
+    assert (again.accepted, again.duplicated, again.rejected) == (60, 65, 0)
+    stored = _events(db)
+    assert sorted(r[7] for r in stored) == sorted(f"k{i}" for i in range(120))
+    # each subscription's events are stored in input order (seq), the first file's before the second's
+    for sub in ("acme-team", "beta-team"):
+        keys = [int(r[7][1:]) for r in stored if r[0] == sub]
+        assert keys == [k for k in range(40, 100) if (k % 2 == 1) == (sub == "acme-team")] + [
+            k for k in [*range(0, 40), *range(100, 120)] if (k % 2 == 1) == (sub == "acme-team")]
+
+
+def test_a_key_stored_by_another_ingester_meanwhile_is_a_duplicate(db: Db, monkeypatch: Any) -> None:
+    """The COPY of new rows meets a key stored since it looked (simulated): the chunk goes the
+    conflict-proof way (PostgreSQL's staging table and ON CONFLICT DO NOTHING)."""
+    from billing.persistence import usage_store
+
+    _book(db)
+    clock = _clock("2026-01-19T00:00:00+00:00")
+    row = {"subscription": "acme-team", "metric": "api", "value": 2, "at": "2026-01-05T00:00:00Z"}
+    ingest(db.engine, read_jsonl(_jsonl([{**row, "id": "a"}])), clock=clock)
+    monkeypatch.setattr(usage_store.BulkWriter, "_copy_new", lambda *_args: None)
+    summary = ingest(db.engine, read_jsonl(_jsonl([{**row, "id": i} for i in ["b", "a", "c", "b"]])), clock=clock)
+    assert (summary.accepted, summary.duplicated, summary.rejected) == (2, 2, 0)
+    assert [r[7] for r in _events(db)] == ["a", "b", "c"]
