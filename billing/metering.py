@@ -427,9 +427,12 @@ class _Gate:
             raise ValueError(reason)
         return row
 
-    def admit_all(self, part: _Part, good: list[Row], rejected: list[Rejection]) -> None:
+    def admit_all(self, part: _Part, good: list[Row], rejected: list[Rejection],
+                  refused_ids: list[tuple[int, str, str]] | None = None) -> None:
         """`admit` each row into `good` or `rejected`; a row inside its window's accepting span
-        (most of them) costs a lookup and a comparison."""
+        (most of them) costs a lookup and a comparison. `refused_ids` receives (position in
+        `rejected`, subscription, id) of each refused row of a known subscription, so the caller
+        can tell a resend of a stored event (a duplicate) from a late one."""
         bounds = self.bounds
         keep = good.append
         customers = part.customers
@@ -442,7 +445,35 @@ class _Gate:
             try:
                 keep(self.admit(row, customers.get(index)))
             except ValueError as exc:
+                if refused_ids is not None:
+                    customer = customers.get(index)
+                    sub = row[0] if customer is None else self.by_customer.get((customer, row[1]), "")
+                    if sub in self.book.subscriptions:
+                        refused_ids.append((len(rejected), sub, row[7]))
                 rejected.append(Rejection(part.lines[index], str(exc)))
+
+
+def _resent(writer: BulkWriter, refused: list[tuple[int, str, str]]) -> set[int]:
+    """The positions of the refused rows whose (subscription, id) is already stored, read in the
+    chunk's transaction: a resend of an event stored earlier is a duplicate even when its period
+    has since been invoiced or its grace has passed (Stripe and Lago dedupe on the id first)."""
+    found: set[tuple[str, str]] = set()
+    pairs = sorted({(sub, key) for _, sub, key in refused})
+    for start in range(0, len(pairs), 400):
+        chunk = pairs[start:start + 400]
+        if writer.dialect == "sqlite":
+            values = ", ".join("(?, ?)" for _ in chunk)
+            rows = writer.dbapi.execute(
+                f"SELECT subscription, key FROM usage_events WHERE (subscription, key) IN (VALUES {values})",  # noqa: S608 - placeholders only
+                [v for pair in chunk for v in pair]).fetchall()
+        else:
+            with writer.dbapi.cursor() as cur:
+                cur.execute("SELECT e.subscription, e.key FROM usage_events e JOIN unnest(%s::text[], %s::text[]) "
+                            "AS p(subscription, key) ON e.subscription = p.subscription AND e.key = p.key",
+                            ([sub for sub, _ in chunk], [key for _, key in chunk]))
+                rows = cur.fetchall()
+        found.update((str(sub), str(key)) for sub, key in rows)
+    return {position for position, sub, key in refused if (sub, key) in found}
 
 
 _NEVER = -(2**63)
@@ -624,10 +655,14 @@ def ingest(
                         gate = _Gate(current, micros(clock()), grace_us, windows, by_customer)
                         good: list[Row] = []
                         refused: list[Rejection] = []
-                        gate.admit_all(part, good, refused)
+                        refused_ids: list[tuple[int, str, str]] = []
+                        gate.admit_all(part, good, refused, refused_ids)
+                        resent = _resent(writer, refused_ids)
+                        if resent:  # stored before: a duplicate whatever its time (the id decides first)
+                            refused = [r for i, r in enumerate(refused) if i not in resent]
                         inserted = writer.write(good)
                         writer.commit()
-                        kept = len(good)
+                        kept = len(good) + len(resent)
                         rejected = rejected + refused
                         break
                     except Exception as exc:
