@@ -115,8 +115,12 @@ def describe(summary: RunSummary) -> str:
 @click.option("--seed", default=5, show_default=True, help="Seed of the synthetic book.")
 @click.option("--db", "db", default=None, metavar="URL",
               help="An empty database to build the book in (kept); default: a temporary SQLite file.")
+@click.option("--step", type=click.Choice(["all", "build", "run"]), default="all", show_default=True,
+              help="build: only build the book in --db; run: only time the run of a book built so "
+                   "(--subscriptions is then read from it).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def bench_invoice_run(count: int, workers: int, batch: int, seed: int, db: str | None, as_json: bool) -> None:
+def bench_invoice_run(count: int, workers: int, batch: int, seed: int, db: str | None, step: str,
+                      as_json: bool) -> None:
     """Build a realistic book of N subscriptions, run one month-end invoice run, and compare its
     rate with a plain bulk insert of the same invoice and line rows on the same database."""
     from billing.persistence import create_engine
@@ -124,8 +128,13 @@ def bench_invoice_run(count: int, workers: int, batch: int, seed: int, db: str |
 
     if workers > 1 and (db is None or create_engine(db).dialect.name != "postgresql"):
         raise click.UsageError("--workers needs a PostgreSQL --db (SQLite has one writer)")
-    figures = run_bench(count, url=db, workers=workers, batch=batch, seed=seed)
-    if as_json:
+    if step != "all" and db is None:
+        raise click.UsageError(f"--step {step} needs --db (the book is kept there)")
+    try:
+        figures = run_bench(count, url=db, workers=workers, batch=batch, seed=seed, step=step)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if as_json or step == "build":
         click.echo(json.dumps(figures))
         return
     click.echo(f"{figures['subscriptions']} subscriptions, {figures['customers']} customers on {figures['database']}, "

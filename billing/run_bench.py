@@ -274,13 +274,31 @@ def baseline(url: str, run_command: int) -> tuple[int, float]:
 
 
 def bench(subscriptions: int, *, url: str | None = None, workers: int = 1, batch: int = 500,
-          seed: int = 5) -> dict[str, Any]:
+          seed: int = 5, step: str = "all") -> dict[str, Any]:
+    """Build the book and time its run (`step` "all"); or only build it ("build": a copy of the
+    database can then be timed again and again) or only time the run of a book built so
+    ("run")."""
     if url is None:
+        if step != "all":
+            raise ValueError("building or running separately needs a database URL")
         with tempfile.TemporaryDirectory(prefix="billing-bench-runs-") as tmp:
             return bench(subscriptions, url=f"sqlite:///{Path(tmp) / 'bench.sqlite'}", workers=workers,
                          batch=batch, seed=seed)
-    with fewer_collections():
-        built = build(url, subscriptions, seed=seed)
+    if step == "run":
+        engine = create_engine(url)
+        with engine.connect() as conn:
+            subscriptions = conn.execute(text("SELECT count(*) FROM subscriptions")).scalar_one()
+            customers = conn.execute(text("SELECT count(*) FROM customers")).scalar_one()
+            if conn.execute(text("SELECT count(*) FROM invoice_runs")).scalar_one():
+                raise ValueError("this book was already run: time a fresh copy of the built database")
+        engine.dispose()
+        built = BuildFigures(subscriptions, customers, 0.0)
+    else:
+        with fewer_collections():
+            built = build(url, subscriptions, seed=seed)
+        if step == "build":
+            return {"subscriptions": subscriptions, "customers": built.customers,
+                    "build_seconds": round(built.seconds, 3)}
     timed = measure(url, workers=workers, batch=batch)
     engine = create_engine(url)
     with UnitOfWork(engine) as uow:
@@ -299,13 +317,13 @@ def bench(subscriptions: int, *, url: str | None = None, workers: int = 1, batch
     ours = (invoices + lines) / seconds if seconds else 0.0
     base = rows / base_seconds if base_seconds else 0.0
     return {
-        "subscriptions": subscriptions,
+        "subscriptions": built.subscriptions,
         "customers": built.customers,
         "invoices": invoices,
         "invoice_lines": lines,
         "failed": counts["failed"],
         "seconds": round(seconds, 3),
-        "subscriptions_per_second": round(subscriptions / seconds, 1) if seconds else None,
+        "subscriptions_per_second": round(built.subscriptions / seconds, 1) if seconds else None,
         "invoices_per_second": round(invoices / seconds, 1) if seconds else None,
         "rows_per_second": round(ours, 1),
         "baseline_rows_per_second": round(base, 1),

@@ -1,0 +1,45 @@
+"""`billing bench invoice-run` end to end on SQLite and PostgreSQL: a small book built and run in
+one go prints every figure the issue names; built and run in two steps it bills the same, and a
+book already run is refused rather than timed again."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+from dbkit import Db
+
+from billing.cli import cli
+
+KEYS = ("subscriptions", "invoices", "seconds", "subscriptions_per_second", "invoices_per_second",
+        "baseline_rows_per_second", "fraction_of_baseline", "peak_rss_mb", "workers")
+
+
+def test_bench_invoice_run_prints_its_figures(db: Db) -> None:
+    runner = CliRunner()
+    result = runner.invoke(cli, ["bench", "invoice-run", "--subscriptions", "120", "--batch", "25", "--json",
+                                 "--db", db.url])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout)
+    assert all(key in figures for key in KEYS)
+    assert figures["subscriptions"] == 120 and figures["workers"] == 1 and figures["failed"] == 0
+    # every monthly subscription renews on 2026-02-01, one invoice per customer with one due
+    assert 0 < figures["invoices"] <= figures["customers"] and figures["invoice_lines"] >= 108
+    assert figures["seconds"] > 0 and 0 < figures["fraction_of_baseline"] < 10
+
+
+def test_bench_invoice_run_in_two_steps(db: Db) -> None:
+    runner = CliRunner()
+    built = runner.invoke(cli, ["bench", "invoice-run", "--subscriptions", "60", "--step", "build",
+                                "--db", db.url])
+    assert built.exit_code == 0, built.output
+    assert json.loads(built.stdout)["subscriptions"] == 60
+    timed = runner.invoke(cli, ["bench", "invoice-run", "--subscriptions", "1", "--step", "run", "--json",
+                                "--db", db.url])
+    assert timed.exit_code == 0, timed.output
+    figures = json.loads(timed.stdout)
+    assert figures["subscriptions"] == 60 and figures["invoices"] > 0 and figures["failed"] == 0
+    again = runner.invoke(cli, ["bench", "invoice-run", "--subscriptions", "1", "--step", "run", "--db", db.url])
+    assert again.exit_code == 2 and "already run" in again.output
+    nowhere = runner.invoke(cli, ["bench", "invoice-run", "--subscriptions", "5", "--step", "build"])
+    assert nowhere.exit_code == 2 and "--step build needs --db" in nowhere.output
