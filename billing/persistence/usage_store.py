@@ -26,10 +26,11 @@ from collections.abc import Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from datetime import datetime
 from fractions import Fraction
+from functools import cache
 from typing import Any
 
 import orjson
-from sqlalchemy import text
+from sqlalchemy import TextClause, bindparam, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
@@ -396,6 +397,7 @@ class BatchedUsage:
     def __init__(self, connection: Connection | Session, subscriptions: Sequence[str]) -> None:
         self.sql = SqlUsage(connection)
         self.subscriptions = sorted(set(subscriptions))
+        self.members = frozenset(self.subscriptions)
         self.cache: dict[tuple[str, int, int, int], dict[str, Fraction]] = {}
 
     def record(self, subscription: str, metric: Metric, record: UsageRecord) -> bool:
@@ -404,13 +406,34 @@ class BatchedUsage:
     def aggregate(self, subscription: str, metric: Metric, start: datetime, end: datetime,
                   *, held_until: datetime | None = None) -> Fraction:
         lo, hi, full = micros(start), micros(end), micros(held_until or end)
-        if metric.aggregation == "weighted_sum" or subscription not in self.subscriptions:
+        if metric.aggregation == "weighted_sum" or subscription not in self.members:
             return aggregate_one(self.sql.connection, subscription, metric, lo, hi, full)
         key = (metric.code, lo, hi, full)
         found = self.cache.get(key)
         if found is None:
             found = self.cache[key] = aggregate_group(self.sql.connection, self.subscriptions, metric, lo, hi)
         return found.get(subscription, Fraction(0))
+
+
+_GROUP_WHERE = "subscription IN :subs AND metric = :m AND matched AND at >= :lo AND at < :hi"
+
+
+@cache
+def _group_statement(kind: str) -> TextClause:
+    """One statement per aggregation, its IN list an expanding parameter, so the compiled form is
+    cached whatever the number of subscriptions."""
+    if kind in _SCALAR:
+        sql = (f"SELECT subscription, {_SCALAR[kind]} FROM usage_events WHERE {_GROUP_WHERE} "  # noqa: S608
+               "GROUP BY subscription")
+    elif kind == "last":
+        sql = ("SELECT subscription, quantity FROM ("  # noqa: S608
+               "  SELECT subscription, quantity, ROW_NUMBER() OVER "
+               "    (PARTITION BY subscription ORDER BY at DESC, seq DESC) AS rn"
+               f"  FROM usage_events WHERE {_GROUP_WHERE} AND quantity IS NOT NULL"
+               ") AS ranked WHERE rn = 1")
+    else:
+        raise ValueError(f"aggregate_group does not do {kind!r}")
+    return text(sql).bindparams(bindparam("subs", expanding=True))
 
 
 def aggregate_group(conn: Connection | Session, subscriptions: Sequence[str], metric: Metric, lo: int,
@@ -420,29 +443,17 @@ def aggregate_group(conn: Connection | Session, subscriptions: Sequence[str], me
     `weighted_sum` (see `aggregate_one`)."""
     out: dict[str, Fraction] = {}
     kind = metric.aggregation
+    statement = _group_statement(kind)
     for start in range(0, len(subscriptions), chunk):
-        part = list(subscriptions[start:start + chunk])
-        params: dict[str, Any] = {f"s{i}": sub for i, sub in enumerate(part)}
-        params.update({"m": metric.code, "lo": lo, "hi": hi})
-        subs = ", ".join(f":s{i}" for i in range(len(part)))
-        where = f"subscription IN ({subs}) AND metric = :m AND matched AND at >= :lo AND at < :hi"
-        if kind in _SCALAR:
-            rows: Iterable[Any] = conn.execute(text(
-                f"SELECT subscription, {_SCALAR[kind]} FROM usage_events WHERE {where} "  # noqa: S608
-                "GROUP BY subscription"), params)
+        params: dict[str, Any] = {"subs": list(subscriptions[start:start + chunk]), "m": metric.code,
+                                  "lo": lo, "hi": hi}
+        rows: Iterable[Any] = conn.execute(statement, params)
+        if kind == "last":
+            for sub, value in rows:
+                out[sub] = Fraction(int(value), SCALE)
+        else:
             for sub, value in rows:
                 if value is not None:
                     out[sub] = (Fraction(int(value)) if kind in ("count", "unique_count")
                                 else Fraction(int(value), SCALE))
-        elif kind == "last":
-            rows = conn.execute(text(
-                "SELECT subscription, quantity FROM ("  # noqa: S608
-                "  SELECT subscription, quantity, ROW_NUMBER() OVER "
-                "    (PARTITION BY subscription ORDER BY at DESC, seq DESC) AS rn"
-                f"  FROM usage_events WHERE {where} AND quantity IS NOT NULL"
-                ") AS ranked WHERE rn = 1"), params)
-            for sub, value in rows:
-                out[sub] = Fraction(int(value), SCALE)
-        else:
-            raise ValueError(f"aggregate_group does not do {kind!r}")
     return out
