@@ -118,6 +118,7 @@ class _Customer:
         self.rows = {row.month: row for row in rows}
         self.currency = currency
         self.conversion = conversion
+        self.same = currency == conversion.reporting  # convert() returns the amount unchanged
         self.before = before
         self.first = first
 
@@ -134,8 +135,11 @@ class _Customer:
         e = self.ends[hi - 1] if hi else self.before  # level(last)
         expansions = sum(self.expansions[lo:hi])
         lost = sum(self.lost[lo:hi])
-        start = self.conversion.convert(self.currency, first, s, end=False)
-        end = self.conversion.convert(self.currency, last, e, end=True)
+        if self.same:
+            start, end = s, e
+        else:
+            start = self.conversion.convert(self.currency, first, s, end=False)
+            end = self.conversion.convert(self.currency, last, e, end=True)
         member = start > 0
         return (
             start, end, int(member), int(end > 0),
@@ -151,8 +155,11 @@ class _Customer:
         own = self.rows.get(month)
         expansions = own.expansions if own is not None else 0
         lost = own.lost if own is not None else 0
-        start = self.conversion.convert(self.currency, month, s, end=False)
-        end = self.conversion.convert(self.currency, month, e, end=True)
+        if self.same:
+            start, end = s, e
+        else:
+            start = self.conversion.convert(self.currency, month, s, end=False)
+            end = self.conversion.convert(self.currency, month, e, end=True)
         member = start > 0
         out = (
             start, end, int(member), int(end > 0),
