@@ -119,7 +119,7 @@ def round_to_places(value: Decimal | Fraction | int, places: int, mode: Rounding
     if isinstance(value, Decimal) and value.is_finite() and value.adjusted() + places < _FAST_DIGITS:
         rounded = value.quantize(_quantum(places), rounding=_DECIMAL_MODES[mode], context=_WIDE)
         return rounded if rounded else rounded.copy_abs()
-    frac = to_fraction(value)
+    frac = value if type(value) is Fraction else to_fraction(value)  # a Fraction needs no checks
     whole = round_quotient(frac.numerator * 10**places, frac.denominator, mode)
     if abs(whole) < _FAST_LIMIT:
         return Decimal(whole).scaleb(-places, context=_WIDE)
