@@ -182,6 +182,12 @@ class IngestError(ValueError):
 # -- readers ------------------------------------------------------------------------------------
 
 
+_BLANK = " \t\n\r\x0b\x0c"
+"""What makes a line blank: ASCII whitespace, for text as for bytes (str.strip() would also
+take Unicode separators such as U+001C, which JSON does not allow)."""
+_BLANK_BYTES = _BLANK.encode()
+
+
 def read_jsonl(stream: IO[bytes] | IO[str]) -> Iterator[tuple[int, Mapping[str, Any] | str]]:
     """(line number, object) per non-blank line; (line number, reason) for a line that is not a
     JSON object. Numbers with a fraction are read as exact decimals, never floats.
@@ -217,7 +223,7 @@ def read_jsonl(stream: IO[bytes] | IO[str]) -> Iterator[tuple[int, Mapping[str, 
             yield number, "not UTF-8 text"
             continue
         except ValueError as exc:
-            if not line.strip():
+            if not (line.strip(_BLANK) if isinstance(line, str) else line.strip(_BLANK_BYTES)):
                 continue
             yield number, f"not valid JSON ({exc.args[0].split(':')[0]})"
             continue
