@@ -981,7 +981,10 @@ class Book:
             if coupon.percent is not None and window is not None and covers(window, period.start):
                 amount *= 1 - coupon.percent
         plan = self._cat.plan(period.plan)
-        sub.usage_mrr = amount * monthly_factor(plan.interval, plan.interval_count)
+        usage_mrr = amount * monthly_factor(plan.interval, plan.interval_count)
+        if usage_mrr == sub.usage_mrr:
+            return  # the usage part is what it was: the customer's MRR did not move
+        sub.usage_mrr = usage_mrr
         self._emit(acct, at, "usage", sub, [("use", sub.id, _k(at))])
 
     # -- MRR -----------------------------------------------------------------------------------
