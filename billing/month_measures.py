@@ -118,7 +118,6 @@ class _Customer:
         self.rows = {row.month: row for row in rows}
         self.currency = currency
         self.conversion = conversion
-        self.same = currency == conversion.reporting  # convert() returns the amount unchanged
         self.before = before
         self.first = first
 
@@ -135,11 +134,8 @@ class _Customer:
         e = self.ends[hi - 1] if hi else self.before  # level(last)
         expansions = sum(self.expansions[lo:hi])
         lost = sum(self.lost[lo:hi])
-        if self.same:
-            start, end = s, e
-        else:
-            start = self.conversion.convert(self.currency, first, s, end=False)
-            end = self.conversion.convert(self.currency, last, e, end=True)
+        start = self.conversion.convert(self.currency, first, s, end=False)
+        end = self.conversion.convert(self.currency, last, e, end=True)
         member = start > 0
         return (
             start, end, int(member), int(end > 0),
@@ -155,11 +151,8 @@ class _Customer:
         own = self.rows.get(month)
         expansions = own.expansions if own is not None else 0
         lost = own.lost if own is not None else 0
-        if self.same:
-            start, end = s, e
-        else:
-            start = self.conversion.convert(self.currency, month, s, end=False)
-            end = self.conversion.convert(self.currency, month, e, end=True)
+        start = self.conversion.convert(self.currency, month, s, end=False)
+        end = self.conversion.convert(self.currency, month, e, end=True)
         member = start > 0
         out = (
             start, end, int(member), int(end > 0),

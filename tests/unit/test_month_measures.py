@@ -10,7 +10,6 @@ from propkit import examples
 from billing.month_measures import (
     Conversion,
     MonthRow,
-    _Customer,
     change,
     contribution,
     differences,
@@ -111,27 +110,3 @@ def test_the_difference_arrays_add_up_to_the_contributions(changes: list[tuple[i
     for month in range(rows[-1].month, JAN + 45):
         for measure, value in contribution(grown, "EUR", month, EUR).items():
             assert accumulated(full, measure, month) + accumulated(moved, measure, month) == value
-
-
-@given(st.lists(st.tuples(st.integers(0, 30), st.integers(-5000, 5000), st.integers(0, 2), st.integers(0, 900)),
-                min_size=1, max_size=12),
-       st.integers(-3000, 3000), st.sampled_from(["USD", "EUR"]))
-@settings(max_examples=100)
-def test_the_reporting_currency_fast_path_equals_converting(steps: list[tuple[int, int, int, int]], before: int,
-                                                            currency: str) -> None:
-    """A customer billed in the reporting currency skips `convert`: the same values as converting."""
-    rows, level = [], before
-    for month in sorted({m for m, *_ in steps}):
-        _, end, expansions, lost = next(s for s in steps if s[0] == month)
-        rows.append(MonthRow(JAN + month, level, end, expansions, lost))
-        level = end
-    conversion = USD if currency == "USD" else Conversion(EUR.settings, strict=False)
-    fast = _Customer(rows, currency, conversion, before, rows[0])
-    plain = _Customer(rows, currency, conversion, before, rows[0])
-    plain.same = False
-    for month in range(JAN - 13, JAN + 45):
-        assert fast.values(month) == plain.values(month)
-    for p in range((JAN - 13) // 3, (JAN + 45) // 3):
-        assert fast.period_values(p, 3) == plain.period_values(p, 3)
-    for p in range((JAN - 13) // 12, (JAN + 45) // 12 + 1):
-        assert fast.period_values(p, 12) == plain.period_values(p, 12)
