@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -43,10 +44,11 @@ from billing.book import Book, BookError, Outcome
 from billing.gc_policy import fewer_collections
 from billing.money import from_minor
 from billing.persistence import ConcurrentModification, DatabaseError, Engine, UnitOfWork, utc_now
+from billing.persistence.repository import defer_writes
 from billing.persistence.usage_store import BatchedUsage
 from billing.records import Invoice, LineRef
 from billing.scenario import InvoiceRunEvent
-from billing.shards import PROVISIONAL, Counters, renumber
+from billing.shards import Counters, counters_of, renumber
 from billing.usage import UsageSource
 
 if TYPE_CHECKING:
@@ -121,6 +123,7 @@ class _Batch:
     outcome: Outcome
     done: dict[str, int]
     failed: dict[str, str]
+    end: Counters  # the shared counters once written
 
 
 def run_invoices_event(engine: Engine, ev: InvoiceRunEvent, *, actor: str, idempotency_key: str | None = None,
@@ -183,25 +186,21 @@ def _run(engine: Engine, ev: InvoiceRunEvent, *, actor: str, idempotency_key: st
         counts = uow.runs.progress(run_id)
     total = sum(counts.values())
     done_count = counts["done"] + counts["failed"]
-    while True:
+    pipelined = skip_locked and engine.dialect.name == "postgresql"
+    attempt = 0
+
+    def retry_or_give_up(exc: BaseException) -> None:
+        nonlocal attempt
+        attempt += 1
+        summary.retries += 1
+        if attempt > RETRIES:
+            _give_up(engine, run_id, exc, clock=clock)
+            raise exc
+        time.sleep(min(0.05 * 2 ** attempt, 1.0))
+
+    def written(result: _Batch) -> None:
+        nonlocal attempt, done_count
         attempt = 0
-        while True:
-            try:
-                result = _bill_batch(engine, run_id, command_id, ev, index=index, batch=batch, clock=clock,
-                                     skip_locked=skip_locked, fault=fault, number=summary.batches)
-                break
-            except (DatabaseError, ConcurrentModification) as exc:
-                attempt += 1
-                summary.retries += 1
-                if attempt > RETRIES:
-                    _give_up(engine, run_id, exc, clock=clock)
-                    raise
-                time.sleep(min(0.05 * 2 ** attempt, 1.0))
-            except Exception as exc:
-                _give_up(engine, run_id, exc, clock=clock)
-                raise
-        if result is None:
-            break
         summary.batches += 1
         done_count += len(result.done) + len(result.failed)
         summary.count(result.outcome.issued)
@@ -212,7 +211,89 @@ def _run(engine: Engine, ev: InvoiceRunEvent, *, actor: str, idempotency_key: st
             collect.status_changes.extend(result.outcome.status_changes)
         if progress is not None:
             progress(done_count, total)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="run-writer") as writer:
+        in_flight: Future[_Batch] | None = None
+        floor: Counters | None = None
+        while True:
+            number = summary.batches + (in_flight is not None)
+            drafted: _Drafted | None = None
+            compute_error: BaseException | None = None
+            try:
+                drafted = _draft_batch(engine, run_id, command_id, ev, index=index, batch=batch, clock=clock,
+                                       skip_locked=skip_locked, number=number, pipelined=pipelined,
+                                       floor=floor if in_flight is not None else None)
+            except (DatabaseError, ConcurrentModification) as exc:
+                compute_error = exc
+            except Exception as exc:
+                _settle_quietly(in_flight)
+                _give_up(engine, run_id, exc, clock=clock)
+                raise
+            write_failed = False
+            prior: Counters | None = None  # the real counters after the batch written meanwhile
+            if in_flight is not None:
+                try:
+                    result = in_flight.result()
+                    prior = result.end
+                    written(result)
+                except (DatabaseError, ConcurrentModification) as exc:
+                    write_failed = True
+                    _discard(drafted)
+                    drafted = None
+                    retry_or_give_up(exc)
+                except Exception as exc:
+                    _discard(drafted)
+                    _give_up(engine, run_id, exc, clock=clock)
+                    raise
+                finally:
+                    in_flight = None
+            if compute_error is not None:
+                retry_or_give_up(compute_error)
+                continue
+            if drafted is None:
+                if write_failed:
+                    continue  # its customers are pending again: claim them anew
+                break
+            if pipelined:  # the next batch is drafted while this one is written, numbered past it
+                floor = _expected_end(drafted, prior)
+                in_flight = writer.submit(_write_batch, drafted, run_id, command_id, fault)
+                continue
+            try:
+                written(_write_batch(drafted, run_id, command_id, fault))
+            except (DatabaseError, ConcurrentModification) as exc:
+                retry_or_give_up(exc)
+            except Exception as exc:
+                _give_up(engine, run_id, exc, clock=clock)
+                raise
     return _close(engine, run_id, command_id, summary, clock=clock, started=started)
+
+
+def _expected_end(drafted: _Drafted, prior: Counters | None) -> Counters:
+    """The counters a drafted batch will leave once written: its own end, moved by how far the
+    batch written meanwhile (`prior`, its real end: where this one will start) ended from where
+    this one was numbered from."""
+    end = counters_of(drafted.book)
+    if prior is None or drafted.base is None:
+        return end
+    base = drafted.base
+    return Counters(invoice=end.invoice - base.invoice + prior.invoice,
+                    movement=end.movement - base.movement + prior.movement,
+                    change=end.change - base.change + prior.change)
+
+
+def _settle_quietly(in_flight: Future[_Batch] | None) -> None:
+    """Let a batch being written finish (or fail) before the run gives up."""
+    if in_flight is not None:
+        try:
+            in_flight.result()
+        except Exception:  # noqa: BLE001,S110 - the run is failing for another reason, reported by the caller
+            pass
+
+
+def _discard(drafted: _Drafted | None) -> None:
+    """Roll back a drafted batch that will not be written (its customers stay pending)."""
+    if drafted is not None:
+        drafted.uow.__exit__(None, None, None)
 
 
 def _give_up(engine: Engine, run_id: int, exc: BaseException, *, clock: Callable[[], datetime]) -> None:
@@ -268,63 +349,139 @@ def _plan(engine: Engine, ev: InvoiceRunEvent, *, actor: str, idempotency_key: s
     return run_id, command_id, False
 
 
-def _bill_batch(engine: Engine, run_id: int, command_id: int, ev: InvoiceRunEvent, *, index: int | None, batch: int,
-                clock: Callable[[], datetime], skip_locked: bool, fault: Callable[[int], None] | None,
-                number: int) -> _Batch | None:
-    from billing.service import _changed, _require_book, _view_of, save_parts
+@dataclass
+class _Drafted:
+    """A batch computed in its open transaction (customers claimed and locked), not yet written.
+    `base`: the counters its numbers start from when it takes them late; `writes`: its writes,
+    prepared against `base` (pipelined batches), sent as they are if the sequences still hold
+    `base` when the batch takes them."""
 
-    with UnitOfWork(engine, clock=clock) as uow:
-        # A batch's numbers are taken in the transaction that writes it. With SKIP LOCKED claims
-        # (PostgreSQL workers) a batch computes first with provisional numbers and takes the real
-        # ones at the end, so workers compute in parallel; otherwise it takes the sequences before
-        # it computes. On SQLite it takes them first: their write lock serialises the batches, so
-        # whoever holds it sees every batch committed before (no customer claimed twice). On
-        # PostgreSQL it claims its customers' run rows (SKIP LOCKED) and locks their parts
-        # (`load_parts`) before the sequences, the order every writer takes them in.
+    uow: UnitOfWork
+    customers: list[str]
+    book: Book
+    loaded: dict[str, int]
+    sequences: dict[str, int]
+    before: Any
+    outcome: Outcome
+    failed: dict[str, str]
+    number: int
+    base: Counters | None
+    writes: list[Callable[[], object]] | None = None
+
+
+def _draft_batch(engine: Engine, run_id: int, command_id: int, ev: InvoiceRunEvent, *, index: int | None,
+                 batch: int, clock: Callable[[], datetime], skip_locked: bool, number: int,
+                 pipelined: bool = False, floor: Counters | None = None) -> _Drafted | None:
+    """Open the batch's transaction, claim its customers and apply the run to them (None: no
+    customer left to claim). The transaction stays open for `_write_batch`.
+
+    A batch's numbers are taken in the transaction that writes it. With SKIP LOCKED claims
+    (PostgreSQL workers) a batch computes first, numbering from the counters it expects (those it
+    reads, or past the batch still being written: `floor`), and takes the real ones when it is
+    written, renumbering if they differ — so workers compute in parallel; a pipelined worker also
+    prepares the batch's writes here, while its previous batch is being written. Otherwise it
+    takes the sequences before it computes. On SQLite it takes them first: their write lock
+    serialises the batches, so whoever holds it sees every batch committed before (no customer
+    claimed twice). On PostgreSQL it claims its customers' run rows (SKIP LOCKED) and locks their
+    parts (`load_parts`) before the sequences, the order every writer takes them in."""
+    from billing.service import _require_book
+
+    uow = UnitOfWork(engine, clock=clock).__enter__()
+    try:
         late = skip_locked
         postgres = uow.parts.postgres
         if not late and not postgres:
             uow.parts.lock_sequences(())
         customers = uow.runs.claim(run_id, batch, skip_locked=skip_locked or postgres)
         if not customers:
+            uow.__exit__(None, None, None)
             return None
         stored = _require_book(uow)
         failed: dict[str, str] = {}
         try:
-            book, loaded, sequences, before, outcome = _bill(uow, stored, ev, customers, index=index, late=late)
+            book, loaded, sequences, before, outcome, base = _bill(uow, stored, ev, customers, index=index, late=late,
+                                                                   floor=floor)
         except DatabaseError:
             raise
         except Exception:  # noqa: BLE001 - bad data in one customer: find whom, bill the others
             failed = _failing(uow, stored, ev, customers, index=index)
             good = [c for c in customers if c not in failed]
-            book, loaded, sequences, before, outcome = _bill(uow, stored, ev, good, index=index, late=late)
-        if late:
+            book, loaded, sequences, before, outcome, base = _bill(uow, stored, ev, good, index=index, late=late,
+                                                                   floor=floor)
+        drafted = _Drafted(uow, customers, book, loaded, sequences, before, outcome, failed, number, base)
+        if pipelined and base is not None:
+            with defer_writes(uow.session) as writes:
+                _writes(drafted, run_id, command_id)
+            drafted.writes = writes
+    except BaseException as exc:
+        uow.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    return drafted
+
+
+def _write_batch(drafted: _Drafted, run_id: int, command_id: int, fault: Callable[[int], None] | None) -> _Batch:
+    """Number (if late), write and commit a drafted batch; roll it back whole on any failure."""
+    from billing.service import save_counters
+
+    uow = drafted.uow
+    try:
+        sequences = drafted.sequences
+        if drafted.base is not None:
             sequences = uow.parts.lock_sequences(())
-            outcome = renumber(book, outcome, Counters(**{k: v for k, v in sequences.items()
-                                                         if k in Counters.names()}))
-        now = uow.now()
-        save_parts(uow, book, {c: v for c, v in loaded.items() if c not in failed}, sequences)
-        uow.ledger.add_invoices(outcome.issued, command_id)
-        uow.parts.add_billed_periods(outcome.issued)
-        uow.ledger.add_movements(outcome.movements, command_id, command_key=f"run:{run_id}:{number}:{customers[0]}")
-        own_links = [(m.id, ref) for m in outcome.movements for ref in m.invoice_lines]
-        uow.ledger.add_links([*own_links, *outcome.links], command_id)
-        customers_changed, subscriptions_changed = _changed(before, _view_of(book))
-        uow.parts.update_views(customers_changed, [sub for sub, _ in subscriptions_changed], now=now)
-        issued: dict[str, int] = {c: 0 for c in customers if c not in failed}
-        for invoice in outcome.issued:
-            issued[invoice.customer] = issued.get(invoice.customer, 0) + 1
-        uow.runs.finish(run_id, issued, failed)
+            real = Counters(**{k: v for k, v in sequences.items() if k in Counters.names()})
+            if drafted.writes is not None and _same_numbers(real, drafted.base):
+                for write in drafted.writes:
+                    write()
+            else:
+                drafted.outcome = renumber(drafted.book, drafted.outcome, real, drafted.base)
+                _writes(drafted, run_id, command_id)
+        else:
+            _writes(drafted, run_id, command_id)
+        save_counters(uow, drafted.book, sequences)
         if fault is not None:
-            fault(number)
+            fault(drafted.number)
         uow.commit()
-    return _Batch(outcome, issued, failed)
+    finally:
+        uow.__exit__(None, None, None)
+    issued: dict[str, int] = {c: 0 for c in drafted.customers if c not in drafted.failed}
+    for invoice in drafted.outcome.issued:
+        issued[invoice.customer] = issued.get(invoice.customer, 0) + 1
+    return _Batch(drafted.outcome, issued, drafted.failed, counters_of(drafted.book))
 
 
-def _bill(uow: UnitOfWork, stored: Any, ev: InvoiceRunEvent, customers: Sequence[str], *,
-          index: int | None, late: bool = False) -> tuple[Book, dict[str, int], dict[str, int], Any, Outcome]:
+def _same_numbers(real: Counters, base: Counters) -> bool:
+    return (real.invoice, real.movement, real.change) == (base.invoice, base.movement, base.change)
+
+
+def _writes(drafted: _Drafted, run_id: int, command_id: int) -> None:
+    """Everything a batch writes but the shared counters and the clock: its customers' parts,
+    invoices, billed periods, movements and links, the views, and its customers marked done."""
+    from billing.service import _changed, _view_of, write_parts
+
+    uow, book, outcome, failed = drafted.uow, drafted.book, drafted.outcome, drafted.failed
+    now = uow.now()
+    write_parts(uow, book, {c: v for c, v in drafted.loaded.items() if c not in failed})
+    uow.ledger.add_invoices(outcome.issued, command_id)
+    uow.parts.add_billed_periods(outcome.issued)
+    uow.ledger.add_movements(outcome.movements, command_id,
+                             command_key=f"run:{run_id}:{drafted.number}:{drafted.customers[0]}")
+    own_links = [(m.id, ref) for m in outcome.movements for ref in m.invoice_lines]
+    uow.ledger.add_links([*own_links, *outcome.links], command_id,
+                         new_movements={m.id for m in outcome.movements})
+    customers_changed, subscriptions_changed = _changed(drafted.before, _view_of(book))
+    uow.parts.update_views(customers_changed, [sub for sub, _ in subscriptions_changed], now=now)
+    issued: dict[str, int] = {c: 0 for c in drafted.customers if c not in failed}
+    for invoice in outcome.issued:
+        issued[invoice.customer] = issued.get(invoice.customer, 0) + 1
+    uow.runs.finish(run_id, issued, failed)
+
+
+def _bill(uow: UnitOfWork, stored: Any, ev: InvoiceRunEvent, customers: Sequence[str], *, index: int | None,
+          late: bool = False, floor: Counters | None = None
+          ) -> tuple[Book, dict[str, int], dict[str, int], Any, Outcome, Counters | None]:
     """Assemble these customers' book and apply the run to it (nothing written yet); `late`:
-    with provisional numbers, nothing locked (see `billing.shards.renumber`)."""
+    numbering from the counters expected (read after the parts, so above every number the
+    parts hold; at least `floor`), nothing shared locked (see `billing.shards.renumber`)."""
     from billing.service import _view_of, load_parts
 
     book, loaded, sequences = load_parts(uow, stored, ev, customers, lock=not late)
@@ -332,12 +489,17 @@ def _bill(uow: UnitOfWork, stored: Any, ev: InvoiceRunEvent, customers: Sequence
         # commands dated after the run's date came in while it ran (or before it was resumed):
         # their customers are already past it, and the run still bills what was due at its date
         book.clock = ev.at
+    base: Counters | None = None
     if late:
-        book.next_invoice = book.next_movement = book.next_change = PROVISIONAL
+        read = counters_of(book)
+        base = Counters(invoice=max(read.invoice, floor.invoice if floor else 0),
+                        movement=max(read.movement, floor.movement if floor else 0),
+                        change=max(read.change, floor.change if floor else 0))
+        book.next_invoice, book.next_movement, book.next_change = base.invoice, base.movement, base.change
     book.use_usage_source(BatchUsage(uow.usage, uow.session, book, ev.at))
     before = _view_of(book)
     outcome = book.apply(ev, index, discard_on_error=True) if customers else Outcome()
-    return book, loaded, sequences, before, outcome
+    return book, loaded, sequences, before, outcome, base
 
 
 def _failing(uow: UnitOfWork, stored: Any, ev: InvoiceRunEvent, customers: Sequence[str], *,

@@ -315,7 +315,8 @@ def _execute_once(engine: Engine, ev: Event, payload: dict[str, Any], *, actor: 
         uow.ledger.add_credit_notes(outcome.credit_notes, command_id)
         uow.ledger.add_movements(outcome.movements, command_id, command_key=idempotency_key)
         own_links = [(m.id, ref) for m in outcome.movements for ref in m.invoice_lines]
-        uow.ledger.add_links([*own_links, *outcome.links], command_id)
+        uow.ledger.add_links([*own_links, *outcome.links], command_id,
+                             new_movements={m.id for m in outcome.movements})
         _refresh_view(uow, before, _view_of(book), at=ev.at, now=now)
         uow.commit()
     return Applied(outcome, command_id)
@@ -365,12 +366,22 @@ def whole_book(uow: UnitOfWork, stored: StoredBook) -> Book:
 
 def save_parts(uow: UnitOfWork, book: Book, loaded: Mapping[str, int], sequences: dict[str, int]) -> None:
     """Write back every customer part of `book` (version-checked), the counters and the clock."""
+    write_parts(uow, book, loaded)
+    save_counters(uow, book, sequences)
+
+
+def write_parts(uow: UnitOfWork, book: Book, loaded: Mapping[str, int]) -> None:
+    """Write back every customer part of `book`, each checked against the version loaded."""
     writes = []
     for customer, part in split(book).items():
         due = due_of(book, customer)
         writes.append(PartWrite(customer, part.account.order, part.dumps(), loaded.get(customer),
                                 due.transition_at, due.due_at))
     uow.parts.save(writes)
+
+
+def save_counters(uow: UnitOfWork, book: Book, sequences: dict[str, int]) -> None:
+    """The shared counters as `book` left them (from `sequences`, as locked) and the clock."""
     uow.parts.save_sequences(sequences, vars(counters_of(book)))
     uow.parts.set_clock(book.clock)
 

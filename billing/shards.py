@@ -186,26 +186,29 @@ def provisional(counters: Counters) -> Counters:
                     coupon=counters.coupon, customer=counters.customer, subscription=counters.subscription)
 
 
-def renumber(book: Book, outcome: Outcome, real: Counters) -> Outcome:
-    """Give what a batch computed with `provisional` counters the numbers the sequences hold now
-    (taken at finalization): its invoices, movements and change ids, wherever they appear — the
-    outcome, the invoices and links in the book, the customers' link tags and pending lines. The
-    book's counters become the real ones."""
+def renumber(book: Book, outcome: Outcome, real: Counters, base: Counters | None = None) -> Outcome:
+    """Give what a batch computed from `base` counters (default `provisional`: numbers from
+    PROVISIONAL) the numbers the sequences hold now (taken at finalization): its invoices,
+    movements and change ids, wherever they appear — the outcome, the invoices and links in the
+    book, the customers' link tags and pending lines. The book's counters become the real ones.
+    Every number the batch's customers held before it is below `base`, so a number at or above
+    it is the batch's own."""
 
     numbering = book.settings.invoice_numbering
+    first = base or Counters(invoice=PROVISIONAL, movement=PROVISIONAL, change=PROVISIONAL)
 
     def invoice_no(number: str) -> str:
         digits = number[len(numbering.prefix):]
-        if number.startswith(numbering.prefix) and digits.isdigit() and int(digits) >= PROVISIONAL:
-            return numbering.invoice(int(digits) - PROVISIONAL + real.invoice, "")
+        if number.startswith(numbering.prefix) and digits.isdigit() and int(digits) >= first.invoice:
+            return numbering.invoice(int(digits) - first.invoice + real.invoice, "")
         return number
 
     def movement_id(value: int) -> int:
-        return value - PROVISIONAL + real.movement if value >= PROVISIONAL else value
+        return value - first.movement + real.movement if value >= first.movement else value
 
     def tag(t: Tag) -> Tag:
-        if t[0] == "chg" and t[1].isdigit() and int(t[1]) >= PROVISIONAL:
-            return ("chg", str(int(t[1]) - PROVISIONAL + real.change), *t[2:])
+        if t[0] == "chg" and t[1].isdigit() and int(t[1]) >= first.change:
+            return ("chg", str(int(t[1]) - first.change + real.change), *t[2:])
         return t
 
     def ref(r: LineRef) -> LineRef:
@@ -224,8 +227,8 @@ def renumber(book: Book, outcome: Outcome, real: Counters) -> Outcome:
         for pending in acct.pending:
             pending.tags = [tag(t) for t in pending.tags]
     movements = [m.model_copy(update={"id": movement_id(m.id)}) for m in outcome.movements]
-    book.next_invoice = book.next_invoice - PROVISIONAL + real.invoice
-    book.next_movement = book.next_movement - PROVISIONAL + real.movement
-    book.next_change = book.next_change - PROVISIONAL + real.change
+    book.next_invoice = book.next_invoice - first.invoice + real.invoice
+    book.next_movement = book.next_movement - first.movement + real.movement
+    book.next_change = book.next_change - first.change + real.change
     return Outcome(issued=issued, status_changes=list(outcome.status_changes), credit_notes=list(outcome.credit_notes),
                    movements=movements, links=[(movement_id(m), ref(r)) for m, r in outcome.links])

@@ -13,7 +13,7 @@ from sqlalchemy import Integer, String, bindparam, func, insert, literal, or_, s
 from sqlalchemy.orm import Session
 
 from billing.money import to_minor
-from billing.persistence.repository import Bulk, ConcurrentModification, CustomerView, SubscriptionView
+from billing.persistence.repository import Bulk, CustomerView, SubscriptionView
 from billing.persistence.run_tables import (
     CustomerBookRow,
     InvoiceRunCustomerRow,
@@ -159,15 +159,13 @@ class PartsRepository:
         if not old:
             return
         bulk = Bulk(self.session)
-        changed = bulk.update(
+        bulk.update(
             "customer_books", (("customer", "text"),),
             (("snapshot", "bytea"), ("transition_at", "timestamptz"), ("due_at", "timestamptz")),
             [(w.customer, w.snapshot, bulk.instant(w.transition_at), bulk.instant(w.due_at), w.version)
              for w in old],
-            extra="version = customer_books.version + 1", check="version")
-        if changed != len(old):
-            raise ConcurrentModification(
-                "a customer changed since it was loaded (another command or run won); retry")
+            extra="version = customer_books.version + 1", check="version",
+            conflict="a customer changed since it was loaded (another command or run won); retry")
 
     def position_of(self, customer: str) -> int | None:
         return self.session.scalar(select(CustomerBookRow.position).where(CustomerBookRow.customer == customer))

@@ -8,7 +8,8 @@ this boundary as `Decimal` already rounded to its currency and is stored as inte
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -106,6 +107,7 @@ class Bulk:
         self.connection: Connection = session.connection()
         self.postgres = self.connection.dialect.name == "postgresql"
         self._instants: dict[datetime, Any] = {}
+        self._deferred = deferred_writes(session)
 
     def instant(self, value: datetime | None) -> Any:
         """A timezone-aware instant as `UTCDateTime` stores it: naive UTC text on SQLite, ISO 8601
@@ -143,24 +145,36 @@ class Bulk:
     def json(value: Any) -> str:
         return json.dumps(value)
 
-    def insert(self, table: str, columns: Sequence[tuple[str, str]], rows: Sequence[tuple[Any, ...]]) -> None:
-        """Insert `rows` (tuples in `columns` order)."""
+    def insert(self, table: str, columns: Sequence[tuple[str, str]], rows: Sequence[tuple[Any, ...]], *,
+               offset: tuple[str, str] | None = None) -> None:
+        """Insert `rows` (tuples in `columns` order). `offset` (PostgreSQL only): a column whose
+        values are added to the base a scalar query gives when the statement runs (a creation
+        order continued from the table's maximum)."""
         if not rows:
             return
         names = ", ".join(name for name, _ in columns)
         if self.postgres:
-            statement = f"INSERT INTO {table} ({names}) SELECT * FROM unnest({_arrays(columns)})"  # noqa: S608
-            self.connection.exec_driver_sql(statement, _transpose(rows, columns))
+            if offset is None:
+                statement = f"INSERT INTO {table} ({names}) SELECT * FROM unnest({_arrays(columns)})"  # noqa: S608
+            else:
+                shifted, base = offset
+                picked = ", ".join(f"v.{name} + b.base" if name == shifted else f"v.{name}" for name, _ in columns)
+                statement = (f"INSERT INTO {table} ({names}) SELECT {picked} "  # noqa: S608 - this module's constants
+                             f"FROM unnest({_arrays(columns)}) AS v({names}) CROSS JOIN ({base}) AS b(base)")
+            self._send(statement, _transpose(rows, columns))
         else:
+            if offset is not None:
+                raise ValueError("an offset column is computed in SQL on PostgreSQL only")
             marks = ", ".join("?" for _ in columns)
-            self.connection.exec_driver_sql(f"INSERT INTO {table} ({names}) VALUES ({marks})", list(rows))  # noqa: S608
+            self._send(f"INSERT INTO {table} ({names}) VALUES ({marks})", list(rows))  # noqa: S608
 
     def update(self, table: str, keys: Sequence[tuple[str, str]], columns: Sequence[tuple[str, str]],
-               rows: Sequence[tuple[Any, ...]], *, extra: str = "", check: str = "") -> int:
+               rows: Sequence[tuple[Any, ...]], *, extra: str = "", check: str = "", conflict: str = "") -> int:
         """Set `columns` of the rows matching `keys` (each row: key values, then column values);
         `extra` adds assignments (SQL over the table's own columns, e.g. `version = version + 1`),
-        `check` one more `column` that must equal the row's last value (e.g. a version). Returns
-        how many rows changed."""
+        `check` one more `column` that must equal the row's last value (e.g. a version): a row
+        that does not raises `ConcurrentModification(conflict)`. Returns how many rows changed
+        (deferred: how many will)."""
         if not rows:
             return 0
         width = len(keys) + len(columns)
@@ -173,12 +187,47 @@ class Bulk:
                                  for (name, _), (alias, _) in zip(matched, [*keys, *aliased[width:]], strict=True))
             statement = (f"UPDATE {table} SET {', '.join(sets)} "  # noqa: S608 - names are this module's constants
                          f"FROM unnest({_arrays(aliased)}) AS v({', '.join(n for n, _ in aliased)}) WHERE {where}")
-            return int(self.connection.exec_driver_sql(statement, _transpose(rows, aliased)).rowcount)
+            return self._send(statement, _transpose(rows, aliased), len(rows) if check else None, conflict)
         sets = [f"{name} = ?" for name, _ in columns] + ([extra] if extra else [])
         where = " AND ".join(f"{name} = ?" for name, _ in matched)
         params = [(*row[len(keys):width], *row[:len(keys)], *row[width:]) for row in rows]
         statement = f"UPDATE {table} SET {', '.join(sets)} WHERE {where}"  # noqa: S608 - as above
-        return int(self.connection.exec_driver_sql(statement, params).rowcount)
+        return self._send(statement, params, len(rows) if check else None, conflict)
+
+    def _send(self, statement: str, params: Any, expect: int | None = None, conflict: str = "") -> int:
+        """Run the statement now, or, in a session whose writes are deferred (`defer_writes`),
+        when they are sent; `expect`: the rows it must change."""
+        def send() -> int:
+            count = int(self.connection.exec_driver_sql(statement, params).rowcount)
+            if expect is not None and count != expect:
+                raise ConcurrentModification(conflict or "a row changed since it was read; retry")
+            return count
+
+        if self._deferred is None:
+            return send()
+        self._deferred.append(send)
+        return expect if expect is not None else len(params) if isinstance(params, list) else -1
+
+
+_DEFERRED = "billing.deferred_writes"
+
+
+def deferred_writes(session: Session) -> list[Callable[[], object]] | None:
+    return session.info.get(_DEFERRED)
+
+
+@contextmanager
+def defer_writes(session: Session) -> Iterator[list[Callable[[], object]]]:
+    """While open, the session's bulk writes (`Bulk`, `LedgerRepository._accumulate`) are
+    prepared — statements and parameters built — but not sent: each is appended to the list
+    given, to be called later in the same transaction (a run batch drafts its writes while the
+    previous batch is written). Reads still run at once."""
+    writes: list[Callable[[], object]] = []
+    session.info[_DEFERRED] = writes
+    try:
+        yield writes
+    finally:
+        del session.info[_DEFERRED]
 
 
 def _arrays(columns: Sequence[tuple[str, str]]) -> str:
@@ -378,8 +427,10 @@ class LedgerRepository:
         """Append invoices and their lines: one statement per table (`Bulk`), lines after invoices."""
         if not invoices:
             return
-        seq = self.session.scalar(select(func.max(InvoiceRow.seq))) or 0
         bulk = Bulk(self.session)
+        # PostgreSQL continues the creation order from the table's maximum when the rows are
+        # sent (which may be later: `defer_writes`); SQLite reads it first (its writers queue)
+        seq = 0 if bulk.postgres else self.session.scalar(select(func.max(InvoiceRow.seq))) or 0
         instant, decimal = bulk.instant, bulk.decimal
         heads: list[tuple[Any, ...]] = []
         rows: list[tuple[Any, ...]] = []
@@ -398,7 +449,8 @@ class LedgerRepository:
                 decimal(line.unit_amount), to_minor(line.amount, cur), decimal(line.included),
                 instant(line.period_start), instant(line.period_end),
             ) for index, line in enumerate(invoice.lines))
-        bulk.insert("invoices", INVOICE_COLUMNS, heads)
+        bulk.insert("invoices", INVOICE_COLUMNS, heads,
+                    offset=("seq", "SELECT coalesce(max(seq), 0) FROM invoices") if bulk.postgres else None)
         bulk.insert("invoice_lines", INVOICE_LINE_COLUMNS, rows)
 
     def set_status(self, number: str, status: InvoiceStatus) -> None:
@@ -590,17 +642,22 @@ class LedgerRepository:
             index_elements=list(keys),
             set_={name: getattr(model, name) + getattr(statement.excluded, name) for name in sums},
         )
-        self.session.execute(statement, values)
+        deferred = deferred_writes(self.session)
+        if deferred is None:
+            self.session.execute(statement, values)
+        else:
+            deferred.append(lambda: self.session.execute(statement, values))
 
-    def add_links(self, links: Iterable[tuple[int, LineRef]], command_id: int) -> int:
-        """Link movements to invoice lines; a link already stored is skipped. Returns how many
-        were added."""
+    def add_links(self, links: Iterable[tuple[int, LineRef]], command_id: int, *,
+                  new_movements: Collection[int] = ()) -> int:
+        """Link movements to invoice lines; a link already stored is skipped (`new_movements`,
+        written by this command, have none yet). Returns how many were added."""
         wanted: dict[tuple[int, str, int], None] = {}
         for movement_id, ref in links:
             wanted[(movement_id, ref.invoice, ref.line)] = None
         if not wanted:
             return 0
-        ids = sorted({movement_id for movement_id, _, _ in wanted})
+        ids = sorted({movement_id for movement_id, _, _ in wanted} - set(new_movements))
         existing = {
             (row.movement_id, row.invoice_number, row.line_index)
             for row in self.session.execute(
@@ -608,7 +665,7 @@ class LedgerRepository:
                     MovementLineRow.movement_id, MovementLineRow.invoice_number, MovementLineRow.line_index
                 ).where(MovementLineRow.movement_id.in_(ids))
             )
-        }
+        } if ids else set()
         new = [(movement_id, number, line, command_id)
                for movement_id, number, line in wanted if (movement_id, number, line) not in existing]
         Bulk(self.session).insert("movement_invoice_lines", LINK_COLUMNS, new)

@@ -21,6 +21,7 @@ import pytest
 from dbkit import Db
 from sqlalchemy import bindparam, text
 
+from billing import runs
 from billing.persistence import UnitOfWork, create_engine
 from billing.persistence.types import UTCDateTime
 from billing.run_bench import AS_OF, build
@@ -43,7 +44,8 @@ kill_at = int(sys.argv[2])
 def fault(batch):
     if batch == kill_at:
         os.kill(os.getpid(), 9)  # SIGKILL inside the batch's transaction, before its commit
-run(engine, InvoiceRunEvent(type="invoice_run", at=AS_OF), actor="child", batch=int(sys.argv[3]), fault=fault)
+run(engine, InvoiceRunEvent(type="invoice_run", at=AS_OF), actor="child", batch=int(sys.argv[3]), fault=fault,
+    skip_locked=sys.argv[4] == "1")  # on PostgreSQL as `billing invoice-run` does: pipelined
 """
 
 
@@ -104,8 +106,8 @@ def test_a_run_killed_with_sigkill_and_resumed_bills_everyone_exactly_once(
     build(db.url, SUBSCRIPTIONS)
     batches = -(-len({r[1] for r in reference}) // BATCH)
     kill_at = random.Random(seed).randrange(batches)
-    child = subprocess.run([sys.executable, "-c", CHILD, db.url, str(kill_at), str(BATCH)], capture_output=True,
-                           timeout=300)
+    child = subprocess.run([sys.executable, "-c", CHILD, db.url, str(kill_at), str(BATCH),
+                            "1" if db.backend == "postgresql" else "0"], capture_output=True, timeout=300)
     assert child.returncode == -signal.SIGKILL, child.stderr.decode()
     with UnitOfWork(db.engine) as uow:
         stored = uow.runs.latest()
@@ -140,7 +142,11 @@ def test_two_runs_started_at_once_share_one_run(db: Db, reference: list[tuple[An
     assert _invoices(db.url) == reference
 
 
-def test_a_dropped_connection_rolls_the_batch_back_and_it_is_retried(db: Db, reference: list[tuple[Any, ...]]) -> None:
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_a_dropped_connection_rolls_the_batch_back_and_it_is_retried(
+        db: Db, reference: list[tuple[Any, ...]], pipelined: bool) -> None:
+    if pipelined and db.backend != "postgresql":
+        pytest.skip("PostgreSQL workers draft the next batch while one is written")
     build(db.url, SUBSCRIPTIONS)
     dropped: list[int] = []
 
@@ -152,10 +158,45 @@ def test_a_dropped_connection_rolls_the_batch_back_and_it_is_retried(db: Db, ref
                 assert spy.runs.progress(1)["done"] == 2 * BATCH
             raise_on_commit(db, batch_uow)
 
-    summary = run(db.engine, RUN, actor="t", batch=BATCH, fault=fault)
+    summary = run(db.engine, RUN, actor="t", batch=BATCH, fault=fault, skip_locked=pipelined)
     assert dropped == [2] and summary.retries == 1 and summary.state == "done"
     _check_once_and_gap_free(db.url)
     assert _invoices(db.url) == reference
+
+
+def test_a_number_taken_while_a_batch_is_drafted_renumbers_it(db: Db, reference: list[tuple[Any, ...]],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pipelined worker numbers the batch it drafts past the one being written; when another
+    worker takes numbers in between, the batch takes the real ones when it is written."""
+    if db.backend != "postgresql":
+        pytest.skip("PostgreSQL workers draft the next batch while one is written")
+    build(db.url, SUBSCRIPTIONS)
+    original_draft, original_renumber = runs._draft_batch, runs.renumber
+    renumbered: list[int] = []
+    joined: list[Any] = []
+
+    def draft(engine: Any, run_id: int, *args: Any, **kwargs: Any) -> Any:
+        drafted = original_draft(engine, run_id, *args, **kwargs)
+        if drafted is not None and drafted.number == 1 and not joined:  # batch 0 is being written meanwhile
+            # another worker joins and bills every customer not locked: its first batch waits for
+            # batch 0's numbers, then takes the ones this batch was numbered with
+            joined.append(None)
+            joined[0] = run(db.engine, RUN, actor="other", batch=BATCH, join=run_id, skip_locked=True)
+        return drafted
+
+    def renumber(*args: Any, **kwargs: Any) -> Any:
+        renumbered.append(1)
+        return original_renumber(*args, **kwargs)
+
+    monkeypatch.setattr(runs, "_draft_batch", draft)
+    monkeypatch.setattr(runs, "renumber", renumber)
+    summary = run(db.engine, RUN, actor="t", batch=BATCH, skip_locked=True)
+    assert summary.state == "done" and summary.failed == []
+    assert len(joined) == 1 and joined[0].batches > 0
+    assert renumbered  # at least this worker's batch 1 (and the joined worker's first)
+    _check_once_and_gap_free(db.url)
+    billed = _invoices(db.url)
+    assert sorted(row[1:] for row in billed) == sorted(row[1:] for row in reference)  # numbers apart
 
 
 _current: dict[str, Any] = {}
@@ -175,16 +216,16 @@ def raise_on_commit(db: Db, uow: UnitOfWork) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _spy_on_units_of_work(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep the latest unit of work at hand, so a fault can reach the batch's connection."""
-    original = UnitOfWork.__enter__
+def _spy_on_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the unit of work of the batch being written at hand, so a fault can reach its
+    connection (on PostgreSQL workers the next batch is already drafted in another)."""
+    original = runs._write_batch
 
-    def enter(self: UnitOfWork) -> UnitOfWork:
-        entered = original(self)
-        _current["uow"] = entered
-        return entered
+    def write(drafted: Any, *args: Any) -> Any:
+        _current["uow"] = drafted.uow
+        return original(drafted, *args)
 
-    monkeypatch.setattr(UnitOfWork, "__enter__", enter)
+    monkeypatch.setattr(runs, "_write_batch", write)
 
 
 def test_a_customer_the_book_refuses_is_recorded_and_the_run_carries_on(db: Db) -> None:
@@ -284,7 +325,9 @@ def test_a_change_that_comes_in_while_a_run_is_unfinished_is_neither_lost_nor_bi
     from billing import service
 
     build(db.url, SUBSCRIPTIONS)
-    child = subprocess.run([sys.executable, "-c", CHILD, db.url, "3", str(BATCH)], capture_output=True, timeout=300)
+    child = subprocess.run([sys.executable, "-c", CHILD, db.url, "3", str(BATCH),
+                            "1" if db.backend == "postgresql" else "0"], capture_output=True,
+                           timeout=300)
     assert child.returncode == -signal.SIGKILL, child.stderr.decode()
     with db.engine.connect() as conn:
         sub, quantity = conn.execute(text(
