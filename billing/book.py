@@ -32,7 +32,7 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Any, Literal
 
-from billing.catalog import AddOn, Catalog, CatalogIndex, Plan, Priced
+from billing.catalog import AddOn, Catalog, CatalogIndex, Metric, Plan, Priced
 from billing.credit_notes import CreditNoteError, draft_credit_note
 from billing.discounts import Coupon, Tag, covers, discount_lines
 from billing.fx import MissingRate, rate_at
@@ -92,6 +92,10 @@ from billing.usage import MemoryUsage, UsageRecord, UsageSource, UsageWindow, mi
 
 LegKey = tuple[str, str, str]
 """(subscription, plan, product): the finest segment a movement's legs are recorded on."""
+
+LineTerms = tuple[str, Decimal, Decimal | None, Decimal]
+"""What an invoice line's item and quantity decide: its description, shown quantity, unit price
+and rounded amount (memoized per catalog: many lines share them)."""
 
 LineAt = tuple[str, int]
 """(invoice number, line index): an invoice line a tag links to (a plain tuple: a part holds one
@@ -889,9 +893,11 @@ class Book:
             return (b, 0, sub.order)
         if first <= 1 and (sub.scheduled or sub.cancel_at_period_end):
             return (b, 1, sub.order)
-        for stage in range(max(first, 2), 5):
-            if self._stage_relevant(sub, b, stage):
-                return (b, stage, sub.order)
+        # stage 2 is never relevant; 3 needs an active coupon, 4 a customer coupon
+        if first <= 3 and sub.active_coupons and self._stage_relevant(sub, b, 3):
+            return (b, 3, sub.order)
+        if first <= 4 and self._stage_relevant(sub, b, 4):
+            return (b, 4, sub.order)
         return (b, 5, sub.order)
 
     def _stage_relevant(self, sub: Subscription, b: datetime, stage: int) -> bool:
@@ -1169,22 +1175,33 @@ class Book:
         if period.partial:
             share = (second_fraction(period.start, period) if self._policy == "second"
                      else day_fraction(period.start, period, acct.tz))
+        memo = self._cat.line_terms
+        mode = self.settings.rounding
         lines = []
         for kind, code, qty in lp.items.priced():
-            item = self._item(kind, code)
-            amount = round_money(self._cat.price(kind, code, acct.currency, qty) * share,
-                                 acct.currency, self.settings.rounding)
+            key = (kind, code, acct.currency, qty, share, mode)
+            terms = memo.get(key)
+            if terms is None:
+                terms = memo[key] = self._licensed_terms(kind, code, acct.currency, qty, share)
+            description, quantity, unit_amount, amount = terms
             lines.append(InvoiceLine(
                 kind="plan" if kind == "plan" else "addon",
-                description=describe(item, qty),
+                description=description,
                 subscription=sub.id,
-                quantity=Decimal(shown_quantity(item, qty)),
-                unit_amount=item.unit_price(acct.currency),
+                quantity=quantity,
+                unit_amount=unit_amount,
                 amount=amount,
                 period_start=period.start,
                 period_end=period.end,
             ))
         return lines
+
+    def _licensed_terms(self, kind: str, code: str, currency: str, qty: int, share: Fraction) -> LineTerms:
+        """A licensed line's terms for `share` of a period: a pure function of these, the rounding
+        mode and the catalog (memoized in `_cat.line_terms`)."""
+        item = self._item(kind, code)
+        amount = round_money(self._cat.price(kind, code, currency, qty) * share, currency, self.settings.rounding)
+        return describe(item, qty), Decimal(shown_quantity(item, qty)), item.unit_price(currency), amount
 
     def _usage_lines(self, sub: Subscription, acct: Account, up: UsagePeriod) -> list[InvoiceLine]:
         """The usage lines of a closed period. Rated once per command (a run closes a period and
@@ -1197,23 +1214,36 @@ class Book:
         return list(lines)
 
     def _rate_usage(self, sub: Subscription, acct: Account, up: UsagePeriod) -> list[InvoiceLine]:
+        memo = self._cat.line_terms
+        mode = self.settings.rounding
         lines = []
         for metric in self._cat.plan_metrics(up.plan):
             quantity = self.usage.aggregate(sub.id, metric, up.start, up.end, held_until=up.full_end)
-            amount = round_money(rate(metric, quantity, acct.currency), acct.currency, self.settings.rounding)
+            key = ("usage", metric.code, acct.currency, quantity, mode)
+            terms = memo.get(key)
+            if terms is None:
+                terms = memo[key] = self._usage_terms(metric, acct.currency, quantity)
+            description, shown, unit_amount, amount = terms
             lines.append(InvoiceLine(
                 kind="usage",
-                description=f"{metric.name or metric.code} (aggregate {metric.aggregation}, "
-                            f"{_plain(metric.included)} included)",
+                description=description,
                 subscription=sub.id,
-                quantity=_fraction_decimal(quantity),
-                unit_amount=metric.unit_price(acct.currency),
+                quantity=shown,
+                unit_amount=unit_amount,
                 amount=amount,
                 period_start=up.start,
                 period_end=up.end,
                 included=metric.included,
             ))
         return lines
+
+    def _usage_terms(self, metric: Metric, currency: str, quantity: Fraction) -> LineTerms:
+        """A usage line's terms for an aggregate: a pure function of these, the rounding mode and
+        the catalog (memoized in `_cat.line_terms`)."""
+        amount = round_money(rate(metric, quantity, currency), currency, self.settings.rounding)
+        description = (f"{metric.name or metric.code} (aggregate {metric.aggregation}, "
+                       f"{_plain(metric.included)} included)")
+        return description, _fraction_decimal(quantity), metric.unit_price(currency), amount
 
     def _apply_coupons(self, draft: _Draft, *, proration_only: bool) -> None:
         acct = draft.account

@@ -249,6 +249,9 @@ class CatalogIndex:
         # the book's memo of a subscription's recurring monthly amount, by (currency, plan,
         # quantity, add-ons, coupon terms): a pure function of those and this catalog
         self.recurring: dict[tuple[object, ...], Fraction] = {}
+        # the book's memo of invoice line terms (billing.book.LineTerms): by (kind, code, currency,
+        # quantity, share, mode) for licensed lines, ("usage", metric, currency, aggregate, mode)
+        self.line_terms: dict[tuple[object, ...], tuple[str, Decimal, Decimal | None, Decimal]] = {}
 
     def plan(self, code: str) -> Plan:
         plan = self._plans.get(code)

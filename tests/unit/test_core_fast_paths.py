@@ -16,13 +16,14 @@ from dateutil.relativedelta import relativedelta
 from hypothesis import given
 from hypothesis import strategies as st
 
-from billing.book import Book, BookError, LegKey
+from billing.book import Book, BookError, LegKey, LineTerms
 from billing.catalog import CatalogIndex, price_quantity
 from billing.money import round_money
 from billing.periods import Grid, _step, instant_of, monthly_factor
-from billing.proration import item_of
+from billing.proration import describe, item_of, shown_quantity
 from billing.scenario import Scenario, parse_scenario_text
 from billing.subscription import Subscription
+from billing.usage import rate
 
 FIXTURES = sorted((Path(__file__).resolve().parents[2] / "fixtures" / "scenarios").glob("*.json"))
 SCENARIOS = [parse_scenario_text(path.read_text()) for path in FIXTURES]
@@ -104,6 +105,42 @@ def test_the_book_answers_as_the_plain_computations_after_every_command(scenario
                     assert sub.grid.boundary(n) == reference_boundary(sub.grid, n)
         for customer in book.accounts:
             assert book._leg_levels(book.accounts[customer]) == reference_leg_levels(book, customer)
+
+
+def reference_licensed_terms(book: Book, kind: str, code: str, currency: str, qty: int,
+                             share: Fraction) -> LineTerms:
+    item = item_of(book.catalog, kind, code)
+    amount = round_money(price_quantity(item, Fraction(qty), currency) * share, currency, book.settings.rounding)
+    return describe(item, qty), Decimal(shown_quantity(item, qty)), item.unit_price(currency), amount
+
+
+def reference_usage_terms(book: Book, code: str, currency: str, quantity: Fraction) -> LineTerms:
+    metric = book.catalog.metric(code)
+    amount = round_money(rate(metric, quantity, currency), currency, book.settings.rounding)
+    description = (f"{metric.name or metric.code} (aggregate {metric.aggregation}, "
+                   f"{format(metric.included.normalize(), 'f')} included)")
+    quantity_shown = (Decimal(quantity.numerator) if quantity.denominator == 1 else
+                      (Decimal(quantity.numerator) / Decimal(quantity.denominator)).quantize(Decimal("0.000001")))
+    return description, quantity_shown, metric.unit_price(currency), amount
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[p.stem for p in FIXTURES])
+def test_memoized_line_terms_are_what_their_keys_compute(scenario: Scenario) -> None:
+    book = Book(scenario.settings, scenario.catalog)
+    for index, event in enumerate(scenario.events):
+        try:
+            book.apply(event, index)
+        except BookError:
+            continue
+    for key, terms in book._cat.line_terms.items():
+        assert key[-1] == book.settings.rounding
+        if key[0] == "usage":
+            _, code, currency, quantity, _ = key
+            expected = reference_usage_terms(book, code, currency, quantity)  # type: ignore[arg-type]
+        else:
+            kind, code, currency, qty, share, _ = key
+            expected = reference_licensed_terms(book, kind, code, currency, qty, share)  # type: ignore[arg-type]
+        assert repr(terms) == repr(expected)  # the same values with the same exponents
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS[:20], ids=[p.stem for p in FIXTURES[:20]])
