@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
+from functools import lru_cache
 from typing import Any, Literal
 
 from billing.catalog import AddOn, Catalog, CatalogIndex, Metric, Plan, Priced
@@ -981,7 +982,10 @@ class Book:
             return
         if not sub.usage_mrr and not self._cat.plan_metrics(period.plan):
             return  # nothing metered now or before: the usage part of MRR stays 0, nothing moves
-        amount = sum((Fraction(line.amount) for line in self._usage_lines(sub, acct, period)), Fraction(0))
+        lines = self._usage_lines(sub, acct, period)
+        if not sub.usage_mrr and not any(line.amount for line in lines):
+            return  # nothing charged now or before: the usage part of MRR stays 0, nothing moves
+        amount = sum((Fraction(line.amount) for line in lines), Fraction(0))
         for coupon in self._coupons_of(sub):
             window = coupon.windows.get(sub.id)
             if coupon.percent is not None and window is not None and covers(window, period.start):
@@ -1178,8 +1182,9 @@ class Book:
         memo = self._cat.line_terms
         mode = self.settings.rounding
         lines = []
+        share_key = (share.numerator, share.denominator) if period.partial else None  # a Fraction hashes slowly
         for kind, code, qty in lp.items.priced():
-            key = (kind, code, acct.currency, qty, share, mode)
+            key = (kind, code, acct.currency, qty, share_key, mode)
             terms = memo.get(key)
             if terms is None:
                 terms = memo[key] = self._licensed_terms(kind, code, acct.currency, qty, share)
@@ -1219,7 +1224,7 @@ class Book:
         lines = []
         for metric in self._cat.plan_metrics(up.plan):
             quantity = self.usage.aggregate(sub.id, metric, up.start, up.end, held_until=up.full_end)
-            key = ("usage", metric.code, acct.currency, quantity, mode)
+            key = ("usage", metric.code, acct.currency, quantity.numerator, quantity.denominator, mode)
             terms = memo.get(key)
             if terms is None:
                 terms = memo[key] = self._usage_terms(metric, acct.currency, quantity)
@@ -1383,7 +1388,9 @@ _CONTRACTION_SUBTYPE: dict[str, ContractionSubtype] = {
 LINE_KINDS: tuple[LineKind, ...] = ("plan", "addon", "usage", "proration", "discount")
 
 
+@lru_cache(maxsize=4096)
 def _k(instant: datetime) -> str:
+    """An instant in a link tag (memoized: a run tags many lines with the same period starts)."""
     return instant.isoformat()
 
 

@@ -250,7 +250,8 @@ class CatalogIndex:
         # quantity, add-ons, coupon terms): a pure function of those and this catalog
         self.recurring: dict[tuple[object, ...], Fraction] = {}
         # the book's memo of invoice line terms (billing.book.LineTerms): by (kind, code, currency,
-        # quantity, share, mode) for licensed lines, ("usage", metric, currency, aggregate, mode)
+        # quantity, share as (numerator, denominator) or None for a whole period, mode) for licensed
+        # lines, by ("usage", metric, currency, aggregate numerator, aggregate denominator, mode)
         self.line_terms: dict[tuple[object, ...], tuple[str, Decimal, Decimal | None, Decimal]] = {}
 
     def plan(self, code: str) -> Plan:

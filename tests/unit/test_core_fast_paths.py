@@ -10,6 +10,7 @@ from datetime import datetime
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
+from typing import cast
 
 import pytest
 from dateutil.relativedelta import relativedelta
@@ -135,11 +136,12 @@ def test_memoized_line_terms_are_what_their_keys_compute(scenario: Scenario) -> 
     for key, terms in book._cat.line_terms.items():
         assert key[-1] == book.settings.rounding
         if key[0] == "usage":
-            _, code, currency, quantity, _ = key
-            expected = reference_usage_terms(book, code, currency, quantity)  # type: ignore[arg-type]
+            code, currency, numerator, denominator = cast(tuple[str, str, int, int], key[1:5])
+            expected = reference_usage_terms(book, code, currency, Fraction(numerator, denominator))
         else:
-            kind, code, currency, qty, share, _ = key
-            expected = reference_licensed_terms(book, kind, code, currency, qty, share)  # type: ignore[arg-type]
+            kind, code, currency, qty, share = cast(tuple[str, str, str, int, tuple[int, int] | None], key[:5])
+            whole = Fraction(*share) if share is not None else Fraction(1)
+            expected = reference_licensed_terms(book, kind, code, currency, qty, whole)
         assert repr(terms) == repr(expected)  # the same values with the same exponents
 
 
