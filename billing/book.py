@@ -27,7 +27,7 @@ from __future__ import annotations
 import heapq
 import pickle
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
 from functools import lru_cache
@@ -1135,11 +1135,11 @@ class Book:
             sub = self.subscriptions[sub_id]
             for lp in list(sub.unbilled):
                 if lp.period.start <= at:
-                    groups.setdefault(local_date(lp.period.start, acct.tz).isoformat(), []).append((sub, lp))
+                    groups.setdefault(_local_day(lp.period.start, acct.tz), []).append((sub, lp))
                     sub.unbilled.remove(lp)
             for up in list(sub.usage_unbilled):
                 if up.end <= at:
-                    groups.setdefault(local_date(up.end, acct.tz).isoformat(), []).append((sub, up))
+                    groups.setdefault(_local_day(up.end, acct.tz), []).append((sub, up))
                     sub.usage_unbilled.remove(up)
         drafts: list[_Draft] = []
         for key in sorted(groups):
@@ -1162,7 +1162,7 @@ class Book:
             drafts.append(_Draft(acct, key, plan_lines + addon_lines + usage_lines, coverage))
         if acct.pending:
             if not drafts:
-                drafts.append(_Draft(acct, local_date(at, acct.tz).isoformat(), []))
+                drafts.append(_Draft(acct, _local_day(at, acct.tz), []))
             first = drafts[0]
             for pending in acct.pending:
                 first.lines.append((pending.line, pending.tags))
@@ -1388,10 +1388,27 @@ _CONTRACTION_SUBTYPE: dict[str, ContractionSubtype] = {
 LINE_KINDS: tuple[LineKind, ...] = ("plan", "addon", "usage", "proration", "discount")
 
 
-@lru_cache(maxsize=4096)
 def _k(instant: datetime) -> str:
-    """An instant in a link tag (memoized: a run tags many lines with the same period starts)."""
+    """An instant in a link tag."""
+    return _utc_iso(instant) if instant.tzinfo is UTC else instant.isoformat()
+
+
+def _local_day(instant: datetime, tz: str) -> str:
+    """The local date (YYYY-MM-DD) of an instant in `tz`: an invoice's billing date."""
+    return _utc_local_day(instant, tz) if instant.tzinfo is UTC else local_date(instant, tz).isoformat()
+
+
+# Memoized for UTC instants only (every instant the book makes is one; a run meets the same period
+# starts and ends again and again): equal UTC instants are written alike, whereas equal instants
+# with other offsets, or a wall time twice in a zone (fold), are not.
+@lru_cache(maxsize=4096)
+def _utc_iso(instant: datetime) -> str:
     return instant.isoformat()
+
+
+@lru_cache(maxsize=4096)
+def _utc_local_day(instant: datetime, tz: str) -> str:
+    return local_date(instant, tz).isoformat()
 
 
 def _line_at(at: LineRef | LineAt) -> LineAt:

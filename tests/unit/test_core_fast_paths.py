@@ -6,21 +6,22 @@ every fixture the book's answer must equal it.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
 from typing import cast
+from zoneinfo import ZoneInfo
 
 import pytest
 from dateutil.relativedelta import relativedelta
 from hypothesis import given
 from hypothesis import strategies as st
 
-from billing.book import Book, BookError, LegKey, LineTerms
+from billing.book import Book, BookError, LegKey, LineTerms, _k, _local_day
 from billing.catalog import CatalogIndex, price_quantity
 from billing.money import round_money
-from billing.periods import Grid, _step, instant_of, monthly_factor
+from billing.periods import Grid, _step, instant_of, local_date, monthly_factor
 from billing.proration import describe, item_of, shown_quantity
 from billing.scenario import Scenario, parse_scenario_text
 from billing.subscription import Subscription
@@ -183,3 +184,26 @@ def test_memoized_boundaries_equal_the_relativedelta_formula(tz: str, interval: 
     assert grid.boundary(n) == reference_boundary(grid, n)
     other = Grid(tz, interval, count, anchor.replace(fold=1 - fold), instant_of(wall, tz), billing_day)  # type: ignore[arg-type]
     assert other.boundary(n) == reference_boundary(other, n)  # a fold apart: never the other's memo
+
+
+ZONE_INFOS = [UTC, timezone(timedelta(hours=2)), timezone(timedelta(hours=-5, minutes=-30)),
+              *(ZoneInfo(zone) for zone in ZONES)]
+
+
+@given(st.lists(st.tuples(st.datetimes(min_value=datetime(2020, 1, 1), max_value=datetime(2030, 12, 31),
+                                       timezones=st.sampled_from(ZONE_INFOS)),
+                          st.sampled_from(ZONES)), min_size=1, max_size=8))
+def test_memoized_tag_instants_and_local_days_are_what_they_memoize(instants: list[tuple[datetime, str]]) -> None:
+    """Whatever was memoized before (equal instants written with other offsets or folds among
+    them), a tag instant is the instant's isoformat() and a billing day its local date's."""
+    for instant, tz in instants:
+        for same in (instant, instant.astimezone(UTC), instant.replace(fold=1 - instant.fold)):
+            assert _k(same) == same.isoformat()
+            assert _local_day(same, tz) == local_date(same, tz).isoformat()
+
+
+def test_an_instant_written_with_another_offset_keeps_its_offset() -> None:
+    at = datetime(2026, 3, 1, tzinfo=UTC)
+    assert _k(at) == "2026-03-01T00:00:00+00:00"
+    assert _k(at.astimezone(timezone(timedelta(hours=2)))) == "2026-03-01T02:00:00+02:00"
+    assert _local_day(at, "Asia/Kolkata") == "2026-03-01" and _local_day(at, "America/New_York") == "2026-02-28"
