@@ -27,12 +27,13 @@ from __future__ import annotations
 import heapq
 import pickle
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
+from functools import lru_cache
 from typing import Any, Literal
 
-from billing.catalog import AddOn, Catalog, CatalogIndex, Plan, Priced
+from billing.catalog import AddOn, Catalog, CatalogIndex, Metric, Plan, Priced
 from billing.credit_notes import CreditNoteError, draft_credit_note
 from billing.discounts import Coupon, Tag, covers, discount_lines
 from billing.fx import MissingRate, rate_at
@@ -92,6 +93,10 @@ from billing.usage import MemoryUsage, UsageRecord, UsageSource, UsageWindow, mi
 
 LegKey = tuple[str, str, str]
 """(subscription, plan, product): the finest segment a movement's legs are recorded on."""
+
+LineTerms = tuple[str, Decimal, Decimal | None, Decimal]
+"""What an invoice line's item and quantity decide: its description, shown quantity, unit price
+and rounded amount (memoized per catalog: many lines share them)."""
 
 LineAt = tuple[str, int]
 """(invoice number, line index): an invoice line a tag links to (a plain tuple: a part holds one
@@ -889,9 +894,11 @@ class Book:
             return (b, 0, sub.order)
         if first <= 1 and (sub.scheduled or sub.cancel_at_period_end):
             return (b, 1, sub.order)
-        for stage in range(max(first, 2), 5):
-            if self._stage_relevant(sub, b, stage):
-                return (b, stage, sub.order)
+        # stage 2 is never relevant; 3 needs an active coupon, 4 a customer coupon
+        if first <= 3 and sub.active_coupons and self._stage_relevant(sub, b, 3):
+            return (b, 3, sub.order)
+        if first <= 4 and self._stage_relevant(sub, b, 4):
+            return (b, 4, sub.order)
         return (b, 5, sub.order)
 
     def _stage_relevant(self, sub: Subscription, b: datetime, stage: int) -> bool:
@@ -975,7 +982,10 @@ class Book:
             return
         if not sub.usage_mrr and not self._cat.plan_metrics(period.plan):
             return  # nothing metered now or before: the usage part of MRR stays 0, nothing moves
-        amount = sum((Fraction(line.amount) for line in self._usage_lines(sub, acct, period)), Fraction(0))
+        lines = self._usage_lines(sub, acct, period)
+        if not sub.usage_mrr and not any(line.amount for line in lines):
+            return  # nothing charged now or before: the usage part of MRR stays 0, nothing moves
+        amount = sum((Fraction(line.amount) for line in lines), Fraction(0))
         for coupon in self._coupons_of(sub):
             window = coupon.windows.get(sub.id)
             if coupon.percent is not None and window is not None and covers(window, period.start):
@@ -1125,11 +1135,11 @@ class Book:
             sub = self.subscriptions[sub_id]
             for lp in list(sub.unbilled):
                 if lp.period.start <= at:
-                    groups.setdefault(local_date(lp.period.start, acct.tz).isoformat(), []).append((sub, lp))
+                    groups.setdefault(_local_day(lp.period.start, acct.tz), []).append((sub, lp))
                     sub.unbilled.remove(lp)
             for up in list(sub.usage_unbilled):
                 if up.end <= at:
-                    groups.setdefault(local_date(up.end, acct.tz).isoformat(), []).append((sub, up))
+                    groups.setdefault(_local_day(up.end, acct.tz), []).append((sub, up))
                     sub.usage_unbilled.remove(up)
         drafts: list[_Draft] = []
         for key in sorted(groups):
@@ -1152,7 +1162,7 @@ class Book:
             drafts.append(_Draft(acct, key, plan_lines + addon_lines + usage_lines, coverage))
         if acct.pending:
             if not drafts:
-                drafts.append(_Draft(acct, local_date(at, acct.tz).isoformat(), []))
+                drafts.append(_Draft(acct, _local_day(at, acct.tz), []))
             first = drafts[0]
             for pending in acct.pending:
                 first.lines.append((pending.line, pending.tags))
@@ -1169,22 +1179,34 @@ class Book:
         if period.partial:
             share = (second_fraction(period.start, period) if self._policy == "second"
                      else day_fraction(period.start, period, acct.tz))
+        memo = self._cat.line_terms
+        mode = self.settings.rounding
         lines = []
+        share_key = (share.numerator, share.denominator) if period.partial else None  # a Fraction hashes slowly
         for kind, code, qty in lp.items.priced():
-            item = self._item(kind, code)
-            amount = round_money(self._cat.price(kind, code, acct.currency, qty) * share,
-                                 acct.currency, self.settings.rounding)
+            key = (kind, code, acct.currency, qty, share_key, mode)
+            terms = memo.get(key)
+            if terms is None:
+                terms = memo[key] = self._licensed_terms(kind, code, acct.currency, qty, share)
+            description, quantity, unit_amount, amount = terms
             lines.append(InvoiceLine(
                 kind="plan" if kind == "plan" else "addon",
-                description=describe(item, qty),
+                description=description,
                 subscription=sub.id,
-                quantity=Decimal(shown_quantity(item, qty)),
-                unit_amount=item.unit_price(acct.currency),
+                quantity=quantity,
+                unit_amount=unit_amount,
                 amount=amount,
                 period_start=period.start,
                 period_end=period.end,
             ))
         return lines
+
+    def _licensed_terms(self, kind: str, code: str, currency: str, qty: int, share: Fraction) -> LineTerms:
+        """A licensed line's terms for `share` of a period: a pure function of these, the rounding
+        mode and the catalog (memoized in `_cat.line_terms`)."""
+        item = self._item(kind, code)
+        amount = round_money(self._cat.price(kind, code, currency, qty) * share, currency, self.settings.rounding)
+        return describe(item, qty), Decimal(shown_quantity(item, qty)), item.unit_price(currency), amount
 
     def _usage_lines(self, sub: Subscription, acct: Account, up: UsagePeriod) -> list[InvoiceLine]:
         """The usage lines of a closed period. Rated once per command (a run closes a period and
@@ -1197,23 +1219,36 @@ class Book:
         return list(lines)
 
     def _rate_usage(self, sub: Subscription, acct: Account, up: UsagePeriod) -> list[InvoiceLine]:
+        memo = self._cat.line_terms
+        mode = self.settings.rounding
         lines = []
         for metric in self._cat.plan_metrics(up.plan):
             quantity = self.usage.aggregate(sub.id, metric, up.start, up.end, held_until=up.full_end)
-            amount = round_money(rate(metric, quantity, acct.currency), acct.currency, self.settings.rounding)
+            key = ("usage", metric.code, acct.currency, quantity.numerator, quantity.denominator, mode)
+            terms = memo.get(key)
+            if terms is None:
+                terms = memo[key] = self._usage_terms(metric, acct.currency, quantity)
+            description, shown, unit_amount, amount = terms
             lines.append(InvoiceLine(
                 kind="usage",
-                description=f"{metric.name or metric.code} (aggregate {metric.aggregation}, "
-                            f"{_plain(metric.included)} included)",
+                description=description,
                 subscription=sub.id,
-                quantity=_fraction_decimal(quantity),
-                unit_amount=metric.unit_price(acct.currency),
+                quantity=shown,
+                unit_amount=unit_amount,
                 amount=amount,
                 period_start=up.start,
                 period_end=up.end,
                 included=metric.included,
             ))
         return lines
+
+    def _usage_terms(self, metric: Metric, currency: str, quantity: Fraction) -> LineTerms:
+        """A usage line's terms for an aggregate: a pure function of these, the rounding mode and
+        the catalog (memoized in `_cat.line_terms`)."""
+        amount = round_money(rate(metric, quantity, currency), currency, self.settings.rounding)
+        description = (f"{metric.name or metric.code} (aggregate {metric.aggregation}, "
+                       f"{_plain(metric.included)} included)")
+        return description, _fraction_decimal(quantity), metric.unit_price(currency), amount
 
     def _apply_coupons(self, draft: _Draft, *, proration_only: bool) -> None:
         acct = draft.account
@@ -1354,7 +1389,26 @@ LINE_KINDS: tuple[LineKind, ...] = ("plan", "addon", "usage", "proration", "disc
 
 
 def _k(instant: datetime) -> str:
+    """An instant in a link tag."""
+    return _utc_iso(instant) if instant.tzinfo is UTC else instant.isoformat()
+
+
+def _local_day(instant: datetime, tz: str) -> str:
+    """The local date (YYYY-MM-DD) of an instant in `tz`: an invoice's billing date."""
+    return _utc_local_day(instant, tz) if instant.tzinfo is UTC else local_date(instant, tz).isoformat()
+
+
+# Memoized for UTC instants only (every instant the book makes is one; a run meets the same period
+# starts and ends again and again): equal UTC instants are written alike, whereas equal instants
+# with other offsets, or a wall time twice in a zone (fold), are not.
+@lru_cache(maxsize=4096)
+def _utc_iso(instant: datetime) -> str:
     return instant.isoformat()
+
+
+@lru_cache(maxsize=4096)
+def _utc_local_day(instant: datetime, tz: str) -> str:
+    return local_date(instant, tz).isoformat()
 
 
 def _line_at(at: LineRef | LineAt) -> LineAt:

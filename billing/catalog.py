@@ -249,6 +249,10 @@ class CatalogIndex:
         # the book's memo of a subscription's recurring monthly amount, by (currency, plan,
         # quantity, add-ons, coupon terms): a pure function of those and this catalog
         self.recurring: dict[tuple[object, ...], Fraction] = {}
+        # the book's memo of invoice line terms (billing.book.LineTerms): by (kind, code, currency,
+        # quantity, share as (numerator, denominator) or None for a whole period, mode) for licensed
+        # lines, by ("usage", metric, currency, aggregate numerator, aggregate denominator, mode)
+        self.line_terms: dict[tuple[object, ...], tuple[str, Decimal, Decimal | None, Decimal]] = {}
 
     def plan(self, code: str) -> Plan:
         plan = self._plans.get(code)

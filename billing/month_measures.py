@@ -99,6 +99,7 @@ class Conversion:
         return round_quotient(amount * factor.numerator, factor.denominator, self.settings.rounding)
 
 
+@cache
 def _measures(currency: str, cohort: int | None) -> tuple[str, ...]:
     names = (*LEVEL_MEASURES, *(f"{name}:{currency}" for name in TTM_MEASURES))
     if cohort is None:
@@ -211,9 +212,10 @@ def differences(rows: Sequence[MonthRow], currency: str, since: int, conversion:
     previous = (0,) * len(names)
     for month in sorted(points):
         current = customer.values(month)
-        for name, now, then in zip(names, current, previous, strict=True):
-            if now != then:
-                out[(name, month)] = now - then
+        if current != previous:
+            for name, now, then in zip(names, current, previous, strict=True):
+                if now != then:
+                    out[(name, month)] = now - then
         previous = current
     for period, k in PERIODS:
         periods = {month // k for month in points}
@@ -222,9 +224,10 @@ def differences(rows: Sequence[MonthRow], currency: str, since: int, conversion:
         previous = (0,) * len(LEVEL_MEASURES)
         for p in sorted(q for q in periods if q >= opening):
             current = customer.period_values(p, k)
-            for name, now, then in zip(_PERIOD_NAMES[period], current, previous, strict=True):
-                if now != then:
-                    out[(name, p * k)] = now - then
+            if current != previous:
+                for name, now, then in zip(_PERIOD_NAMES[period], current, previous, strict=True):
+                    if now != then:
+                        out[(name, p * k)] = now - then
             previous = current
     return out
 

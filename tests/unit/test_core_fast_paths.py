@@ -6,23 +6,27 @@ every fixture the book's answer must equal it.
 
 from __future__ import annotations
 
-from datetime import datetime
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
+from typing import cast
+from zoneinfo import ZoneInfo
 
 import pytest
 from dateutil.relativedelta import relativedelta
 from hypothesis import given
 from hypothesis import strategies as st
 
-from billing.book import Book, BookError, LegKey
+from billing.book import Book, BookError, LegKey, LineTerms, _k, _local_day
 from billing.catalog import CatalogIndex, price_quantity
 from billing.money import round_money
-from billing.periods import Grid, _step, instant_of, monthly_factor
-from billing.proration import item_of
+from billing.periods import Grid, _step, instant_of, local_date, monthly_factor
+from billing.proration import describe, item_of, shown_quantity
 from billing.scenario import Scenario, parse_scenario_text
 from billing.subscription import Subscription
+from billing.usage import rate
 
 FIXTURES = sorted((Path(__file__).resolve().parents[2] / "fixtures" / "scenarios").glob("*.json"))
 SCENARIOS = [parse_scenario_text(path.read_text()) for path in FIXTURES]
@@ -87,14 +91,20 @@ def reference_leg_levels(book: Book, customer: str) -> tuple[Decimal, dict[LegKe
     return total, {key: value for key, value in levels.items() if value}
 
 
-@pytest.mark.parametrize("scenario", SCENARIOS, ids=[p.stem for p in FIXTURES])
-def test_the_book_answers_as_the_plain_computations_after_every_command(scenario: Scenario) -> None:
-    book = Book(scenario.settings, scenario.catalog)
+def replay(book: Book, scenario: Scenario) -> Iterator[None]:
+    """Apply the scenario's commands to `book`, pausing after each one it accepts."""
     for index, event in enumerate(scenario.events):
         try:
             book.apply(event, index)
         except BookError:
             continue
+        yield
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[p.stem for p in FIXTURES])
+def test_the_book_answers_as_the_plain_computations_after_every_command(scenario: Scenario) -> None:
+    book = Book(scenario.settings, scenario.catalog)
+    for _ in replay(book, scenario):
         for sub in book.subscriptions.values():
             currency = book.accounts[sub.customer].currency
             assert book._next_transition(sub) == reference_next_transition(book, sub)
@@ -104,6 +114,40 @@ def test_the_book_answers_as_the_plain_computations_after_every_command(scenario
                     assert sub.grid.boundary(n) == reference_boundary(sub.grid, n)
         for customer in book.accounts:
             assert book._leg_levels(book.accounts[customer]) == reference_leg_levels(book, customer)
+
+
+def reference_licensed_terms(book: Book, kind: str, code: str, currency: str, qty: int,
+                             share: Fraction) -> LineTerms:
+    item = item_of(book.catalog, kind, code)
+    amount = round_money(price_quantity(item, Fraction(qty), currency) * share, currency, book.settings.rounding)
+    return describe(item, qty), Decimal(shown_quantity(item, qty)), item.unit_price(currency), amount
+
+
+def reference_usage_terms(book: Book, code: str, currency: str, quantity: Fraction) -> LineTerms:
+    metric = book.catalog.metric(code)
+    amount = round_money(rate(metric, quantity, currency), currency, book.settings.rounding)
+    description = (f"{metric.name or metric.code} (aggregate {metric.aggregation}, "
+                   f"{format(metric.included.normalize(), 'f')} included)")
+    quantity_shown = (Decimal(quantity.numerator) if quantity.denominator == 1 else
+                      (Decimal(quantity.numerator) / Decimal(quantity.denominator)).quantize(Decimal("0.000001")))
+    return description, quantity_shown, metric.unit_price(currency), amount
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[p.stem for p in FIXTURES])
+def test_memoized_line_terms_are_what_their_keys_compute(scenario: Scenario) -> None:
+    book = Book(scenario.settings, scenario.catalog)
+    for _ in replay(book, scenario):
+        pass
+    for key, terms in book._cat.line_terms.items():
+        assert key[-1] == book.settings.rounding
+        if key[0] == "usage":
+            code, currency, numerator, denominator = cast(tuple[str, str, int, int], key[1:5])
+            expected = reference_usage_terms(book, code, currency, Fraction(numerator, denominator))
+        else:
+            kind, code, currency, qty, share = cast(tuple[str, str, str, int, tuple[int, int] | None], key[:5])
+            whole = Fraction(*share) if share is not None else Fraction(1)
+            expected = reference_licensed_terms(book, kind, code, currency, qty, whole)
+        assert repr(terms) == repr(expected)  # the same values with the same exponents
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS[:20], ids=[p.stem for p in FIXTURES[:20]])
@@ -144,3 +188,26 @@ def test_memoized_boundaries_equal_the_relativedelta_formula(tz: str, interval: 
     assert grid.boundary(n) == reference_boundary(grid, n)
     other = Grid(tz, interval, count, anchor.replace(fold=1 - fold), instant_of(wall, tz), billing_day)  # type: ignore[arg-type]
     assert other.boundary(n) == reference_boundary(other, n)  # a fold apart: never the other's memo
+
+
+ZONE_INFOS = [UTC, timezone(timedelta(hours=2)), timezone(timedelta(hours=-5, minutes=-30)),
+              *(ZoneInfo(zone) for zone in ZONES)]
+
+
+@given(st.lists(st.tuples(st.datetimes(min_value=datetime(2020, 1, 1), max_value=datetime(2030, 12, 31),
+                                       timezones=st.sampled_from(ZONE_INFOS)),
+                          st.sampled_from(ZONES)), min_size=1, max_size=8))
+def test_memoized_tag_instants_and_local_days_are_what_they_memoize(instants: list[tuple[datetime, str]]) -> None:
+    """Whatever was memoized before (equal instants written with other offsets or folds among
+    them), a tag instant is the instant's isoformat() and a billing day its local date's."""
+    for instant, tz in instants:
+        for same in (instant, instant.astimezone(UTC), instant.replace(fold=1 - instant.fold)):
+            assert _k(same) == same.isoformat()
+            assert _local_day(same, tz) == local_date(same, tz).isoformat()
+
+
+def test_an_instant_written_with_another_offset_keeps_its_offset() -> None:
+    at = datetime(2026, 3, 1, tzinfo=UTC)
+    assert _k(at) == "2026-03-01T00:00:00+00:00"
+    assert _k(at.astimezone(timezone(timedelta(hours=2)))) == "2026-03-01T02:00:00+02:00"
+    assert _local_day(at, "Asia/Kolkata") == "2026-03-01" and _local_day(at, "America/New_York") == "2026-02-28"
