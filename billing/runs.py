@@ -467,7 +467,8 @@ def _writes(drafted: _Drafted, run_id: int, command_id: int) -> None:
                              command_key=f"run:{run_id}:{drafted.number}:{drafted.customers[0]}")
     own_links = [(m.id, ref) for m in outcome.movements for ref in m.invoice_lines]
     uow.ledger.add_links([*own_links, *outcome.links], command_id,
-                         new_movements={m.id for m in outcome.movements})
+                         new_movements={m.id for m in outcome.movements},
+                         new_invoices={i.number for i in outcome.issued})
     customers_changed, subscriptions_changed = _changed(drafted.before, _view_of(book))
     uow.parts.update_views(customers_changed, [sub for sub, _ in subscriptions_changed], now=now)
     issued: dict[str, int] = {c: 0 for c in drafted.customers if c not in failed}

@@ -316,7 +316,8 @@ def _execute_once(engine: Engine, ev: Event, payload: dict[str, Any], *, actor: 
         uow.ledger.add_movements(outcome.movements, command_id, command_key=idempotency_key)
         own_links = [(m.id, ref) for m in outcome.movements for ref in m.invoice_lines]
         uow.ledger.add_links([*own_links, *outcome.links], command_id,
-                             new_movements={m.id for m in outcome.movements})
+                             new_movements={m.id for m in outcome.movements},
+                             new_invoices={i.number for i in outcome.issued})
         _refresh_view(uow, before, _view_of(book), at=ev.at, now=now)
         uow.commit()
     return Applied(outcome, command_id)

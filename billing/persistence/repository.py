@@ -538,7 +538,11 @@ class LedgerRepository:
             ) for index, leg in enumerate(movement.legs))
         bulk.insert("mrr_movements", MOVEMENT_COLUMNS, heads)
         bulk.insert("mrr_movement_legs", LEG_COLUMNS, legs)
-        self._record_months(rows)
+        deferred = deferred_writes(self.session)
+        if deferred is None:
+            self._record_months(rows)
+        else:  # read, computed and written when the writes are sent (they depend on no number)
+            deferred.append(lambda: self._record_months(rows))
 
     def _record_months(self, rows: Sequence[dict[str, Any]]) -> None:
         """Bring the derived tables up to date with new entries, in the same transaction:
@@ -578,13 +582,17 @@ class LedgerRepository:
                 .subquery()
             )
             same = and_(newest.c.customer == CustomerMonthRow.customer, newest.c.month == CustomerMonthRow.month)
+            older: list[str] = []
             for customer, level in self.session.execute(
                 select(CustomerMonthRow.customer, CustomerMonthRow.mrr_end).join(newest, same)
             ):
                 before[customer] = level
+                older.append(customer)
+            if not older:  # every customer's rows start at or after the cut: the first is among them
+                continue
             oldest = (
                 select(CustomerMonthRow.customer, func.min(CustomerMonthRow.month).label("month"))
-                .where(CustomerMonthRow.customer.in_(chunk))
+                .where(CustomerMonthRow.customer.in_(older))
                 .group_by(CustomerMonthRow.customer)
                 .subquery()
             )
@@ -649,15 +657,20 @@ class LedgerRepository:
             deferred.append(lambda: self.session.execute(statement, values))
 
     def add_links(self, links: Iterable[tuple[int, LineRef]], command_id: int, *,
-                  new_movements: Collection[int] = ()) -> int:
-        """Link movements to invoice lines; a link already stored is skipped (`new_movements`,
-        written by this command, have none yet). Returns how many were added."""
+                  new_movements: Collection[int] = (), new_invoices: Collection[str] = ()) -> int:
+        """Link movements to invoice lines; a link already stored is skipped (one of a movement
+        or to an invoice this command writes, `new_movements` and `new_invoices`, cannot be).
+        Returns how many were added."""
         wanted: dict[tuple[int, str, int], None] = {}
+        fresh_movements, fresh_invoices = set(new_movements), set(new_invoices)
+        maybe_stored: set[int] = set()
         for movement_id, ref in links:
             wanted[(movement_id, ref.invoice, ref.line)] = None
+            if movement_id not in fresh_movements and ref.invoice not in fresh_invoices:
+                maybe_stored.add(movement_id)
         if not wanted:
             return 0
-        ids = sorted({movement_id for movement_id, _, _ in wanted} - set(new_movements))
+        ids = sorted(maybe_stored)
         existing = {
             (row.movement_id, row.invoice_number, row.line_index)
             for row in self.session.execute(
