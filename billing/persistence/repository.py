@@ -197,8 +197,10 @@ class Bulk:
     def _send(self, statement: str, params: Any, expect: int | None = None, conflict: str = "") -> int:
         """Run the statement now, or, in a session whose writes are deferred (`defer_writes`),
         when they are sent; `expect`: the rows it must change."""
+        connection = self.connection  # not `self`: a deferred write must not hold its list in a cycle
+
         def send() -> int:
-            count = int(self.connection.exec_driver_sql(statement, params).rowcount)
+            count = int(connection.exec_driver_sql(statement, params).rowcount)
             if expect is not None and count != expect:
                 raise ConcurrentModification(conflict or "a row changed since it was read; retry")
             return count
