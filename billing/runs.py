@@ -443,10 +443,15 @@ def _write_batch(drafted: _Drafted, run_id: int, command_id: int, fault: Callabl
         uow.commit()
     finally:
         uow.__exit__(None, None, None)
+    return _Batch(drafted.outcome, _issued(drafted), drafted.failed, counters_of(drafted.book))
+
+
+def _issued(drafted: _Drafted) -> dict[str, int]:
+    """How many invoices the batch issued to each of its customers billed (not failed)."""
     issued: dict[str, int] = {c: 0 for c in drafted.customers if c not in drafted.failed}
     for invoice in drafted.outcome.issued:
         issued[invoice.customer] = issued.get(invoice.customer, 0) + 1
-    return _Batch(drafted.outcome, issued, drafted.failed, counters_of(drafted.book))
+    return issued
 
 
 def _same_numbers(real: Counters, base: Counters) -> bool:
@@ -471,10 +476,7 @@ def _writes(drafted: _Drafted, run_id: int, command_id: int) -> None:
                          new_invoices={i.number for i in outcome.issued})
     customers_changed, subscriptions_changed = _changed(drafted.before, _view_of(book))
     uow.parts.update_views(customers_changed, [sub for sub, _ in subscriptions_changed], now=now)
-    issued: dict[str, int] = {c: 0 for c in drafted.customers if c not in failed}
-    for invoice in outcome.issued:
-        issued[invoice.customer] = issued.get(invoice.customer, 0) + 1
-    uow.runs.finish(run_id, issued, failed)
+    uow.runs.finish(run_id, _issued(drafted), failed)
 
 
 def _bill(uow: UnitOfWork, stored: Any, ev: InvoiceRunEvent, customers: Sequence[str], *, index: int | None,
