@@ -139,7 +139,10 @@ def test_two_runs_started_at_once_share_one_run(db: Db, reference: list[tuple[An
     assert all(s["invoices"] == [] for s in summaries if s["run"] == 2)
     assert sum(len(s["invoices"]) for s in summaries) == len(reference)
     _check_once_and_gap_free(db.url)
-    assert _invoices(db.url) == reference
+    if db.backend == "postgresql":  # two workers number in the order their batches are written
+        assert sorted(row[1:] for row in _invoices(db.url)) == sorted(row[1:] for row in reference)
+    else:  # one writer at a time: creation order
+        assert _invoices(db.url) == reference
 
 
 @pytest.mark.parametrize("pipelined", [False, True])
