@@ -985,6 +985,12 @@ class Book:
         lines = self._usage_lines(sub, acct, period)
         if not sub.usage_mrr and not any(line.amount for line in lines):
             return  # nothing charged now or before: the usage part of MRR stays 0, nothing moves
+        self._move_usage_mrr(sub, acct, period, lines, at)
+
+    def _move_usage_mrr(self, sub: Subscription, acct: Account, period: UsagePeriod, lines: list[InvoiceLine],
+                        at: datetime) -> None:
+        """The usage part of MRR becomes what `lines` charge for `period` (net of percent coupons,
+        per month); a change is one movement, linked to the period's usage lines."""
         amount = sum((Fraction(line.amount) for line in lines), Fraction(0))
         for coupon in self._coupons_of(sub):
             window = coupon.windows.get(sub.id)
@@ -995,7 +1001,7 @@ class Book:
         if usage_mrr == sub.usage_mrr:
             return  # the usage part is what it was: the customer's MRR did not move
         sub.usage_mrr = usage_mrr
-        self._emit(acct, at, "usage", sub, [("use", sub.id, _k(at))])
+        self._emit(acct, at, "usage", sub, [("use", sub.id, _k(period.end))])
 
     # -- MRR -----------------------------------------------------------------------------------
 
@@ -1154,7 +1160,12 @@ class Book:
                         target.append((line, [("per", sub.id, _k(billed.period.start))]))
                         coverage[id(line)] = billed.period.start
                 else:
-                    for line in self._usage_lines(sub, acct, billed):
+                    rated = self._usage_lines(sub, acct, billed)
+                    if self.settings.usage_in_mrr and billed.end == sub.usage_open:
+                        # usage that came in after the period closed (within the grace) is billed:
+                        # the usage part of MRR moves to the amount billed for the period
+                        self._move_usage_mrr(sub, acct, billed, rated, at)
+                    for line in rated:
                         usage_lines.append((line, [("use", sub.id, _k(billed.end))]))
                         coverage[id(line)] = billed.start
             for lines in (plan_lines, addon_lines, usage_lines):

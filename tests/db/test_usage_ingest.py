@@ -298,3 +298,37 @@ def test_a_key_stored_by_another_ingester_meanwhile_is_a_duplicate(db: Db, monke
     summary = ingest(db.engine, read_jsonl(_jsonl([{**row, "id": i} for i in ["b", "a", "c", "b"]])), clock=clock)
     assert (summary.accepted, summary.duplicated, summary.rejected) == (2, 2, 0)
     assert [r[7] for r in _events(db)] == ["a", "b", "c"]
+
+
+def test_usage_accepted_after_its_period_closed_moves_mrr_to_what_is_billed(db: Db) -> None:
+    """The usage part of MRR moves to the amount billed for the period: when events accepted in
+    the grace raise it after the period closed, the run that bills them moves MRR again, linked to
+    the usage line."""
+    _book(db)
+    service.apply_event(db.engine, {"type": "invoice_run", "at": "2026-02-01T00:00:00Z"}, actor="test")
+    row = {"subscription": "acme-team", "metric": "api"}
+    first = ingest(db.engine, read_jsonl(_jsonl([{**row, "at": "2026-02-10", "value": 2000, "id": "f1"}])),
+                   clock=_clock("2026-02-10T12:00:00+00:00"))
+    assert first.accepted == 1
+    # a command after the period's end closes it: usage MRR moves to what 2,000 calls rate at
+    closed = service.apply_event(db.engine, {"type": "change_quantity", "at": "2026-03-01T01:00:00Z",
+                                             "subscription": "acme-team", "quantity": 5}, actor="test")
+    (at_close,) = [m for m in closed.movements if m.subtype == "usage"]
+    assert at_close.type == "expansion" and at_close.delta > 0
+    late = ingest(db.engine, read_jsonl(_jsonl([{**row, "at": "2026-02-28T23:00:00Z", "value": 3000, "id": "f2"}])),
+                  clock=_clock("2026-03-01T20:00:00+00:00"), grace=timedelta(days=1))
+    assert (late.accepted, late.rejected) == (1, 0)
+    run = service.apply_event(db.engine, {"type": "invoice_run", "at": "2026-03-02T00:00:00Z"}, actor="test")
+    (inv,) = [i for i in run.issued if i.customer == "acme"]
+    (index, api), = [(n, ln) for n, ln in enumerate(inv.lines)
+                     if ln.kind == "usage" and ln.description.startswith("API")]
+    assert api.quantity == Decimal(5000)
+    (at_billing,) = [m for m in run.movements if m.subtype == "usage"]
+    assert at_billing.type == "expansion" and at_billing.subscription == "acme-team"
+    assert at_close.delta + at_billing.delta == api.amount  # from nothing to what is billed
+    linked = {(ref.invoice, ref.line) for ref in at_billing.invoice_lines}
+    linked |= {(ref.invoice, ref.line) for movement, ref in run.links if movement == at_billing.id}
+    assert (inv.number, index) in linked
+    # and a run that bills exactly what closed moves nothing more
+    again = service.apply_event(db.engine, {"type": "invoice_run", "at": "2026-04-02T00:00:00Z"}, actor="test")
+    assert [m for m in again.movements if m.subtype == "usage" and m.type != "contraction"] == []
