@@ -982,15 +982,14 @@ class Book:
             return
         if not sub.usage_mrr and not self._cat.plan_metrics(period.plan):
             return  # nothing metered now or before: the usage part of MRR stays 0, nothing moves
-        lines = self._usage_lines(sub, acct, period)
-        if not sub.usage_mrr and not any(line.amount for line in lines):
-            return  # nothing charged now or before: the usage part of MRR stays 0, nothing moves
-        self._move_usage_mrr(sub, acct, period, lines, at)
+        self._move_usage_mrr(sub, acct, period, self._usage_lines(sub, acct, period), at)
 
     def _move_usage_mrr(self, sub: Subscription, acct: Account, period: UsagePeriod, lines: list[InvoiceLine],
                         at: datetime) -> None:
         """The usage part of MRR becomes what `lines` charge for `period` (net of percent coupons,
         per month); a change is one movement, linked to the period's usage lines."""
+        if not sub.usage_mrr and not any(line.amount for line in lines):
+            return  # nothing charged now or before: the usage part of MRR stays 0, nothing moves
         amount = sum((Fraction(line.amount) for line in lines), Fraction(0))
         for coupon in self._coupons_of(sub):
             window = coupon.windows.get(sub.id)
