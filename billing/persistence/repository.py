@@ -174,7 +174,7 @@ class Bulk:
         `extra` adds assignments (SQL over the table's own columns, e.g. `version = version + 1`),
         `check` one more `column` that must equal the row's last value (e.g. a version): a row
         that does not raises `ConcurrentModification(conflict)`. Returns how many rows changed
-        (deferred: how many will)."""
+        (deferred: how many must, with `check`; else -1)."""
         if not rows:
             return 0
         width = len(keys) + len(columns)
@@ -208,7 +208,7 @@ class Bulk:
         if self._deferred is None:
             return send()
         self._deferred.append(send)
-        return expect if expect is not None else len(params) if isinstance(params, list) else -1
+        return expect if expect is not None else -1
 
 
 _DEFERRED = "billing.deferred_writes"
@@ -216,6 +216,15 @@ _DEFERRED = "billing.deferred_writes"
 
 def deferred_writes(session: Session) -> list[Callable[[], object]] | None:
     return session.info.get(_DEFERRED)
+
+
+def write_now_or_deferred(session: Session, write: Callable[[], object]) -> None:
+    """Run `write` now, or when the session's deferred writes are sent (`defer_writes`)."""
+    deferred = deferred_writes(session)
+    if deferred is None:
+        write()
+    else:
+        deferred.append(write)
 
 
 @contextmanager
@@ -540,11 +549,9 @@ class LedgerRepository:
             ) for index, leg in enumerate(movement.legs))
         bulk.insert("mrr_movements", MOVEMENT_COLUMNS, heads)
         bulk.insert("mrr_movement_legs", LEG_COLUMNS, legs)
-        deferred = deferred_writes(self.session)
-        if deferred is None:
-            self._record_months(rows)
-        else:  # read, computed and written when the writes are sent (they depend on no number)
-            deferred.append(lambda: self._record_months(rows))
+        # deferred, the months are read, computed and written when the writes are sent (they
+        # depend on no number a batch takes late)
+        write_now_or_deferred(self.session, lambda: self._record_months(rows))
 
     def _record_months(self, rows: Sequence[dict[str, Any]]) -> None:
         """Bring the derived tables up to date with new entries, in the same transaction:
@@ -652,11 +659,7 @@ class LedgerRepository:
             index_elements=list(keys),
             set_={name: getattr(model, name) + getattr(statement.excluded, name) for name in sums},
         )
-        deferred = deferred_writes(self.session)
-        if deferred is None:
-            self.session.execute(statement, values)
-        else:
-            deferred.append(lambda: self.session.execute(statement, values))
+        write_now_or_deferred(self.session, lambda: self.session.execute(statement, values))
 
     def add_links(self, links: Iterable[tuple[int, LineRef]], command_id: int, *,
                   new_movements: Collection[int] = (), new_invoices: Collection[str] = ()) -> int:
