@@ -404,7 +404,7 @@ def _draft_batch(engine: Engine, run_id: int, command_id: int, ev: InvoiceRunEve
         except DatabaseError:
             raise
         except Exception:  # noqa: BLE001 - bad data in one customer: find whom, bill the others
-            failed = _failing(uow, stored, ev, customers, index=index)
+            failed = _failing(uow, stored, ev, customers, index=index, late=late)
             good = [c for c in customers if c not in failed]
             book, loaded, sequences, before, outcome, base = _bill(uow, stored, ev, good, index=index, late=late,
                                                                    floor=floor)
@@ -506,12 +506,13 @@ def _bill(uow: UnitOfWork, stored: Any, ev: InvoiceRunEvent, customers: Sequence
 
 
 def _failing(uow: UnitOfWork, stored: Any, ev: InvoiceRunEvent, customers: Sequence[str], *,
-             index: int | None) -> dict[str, str]:
-    """The customers of a batch the book refuses, each tried alone, with the reason."""
+             index: int | None, late: bool = False) -> dict[str, str]:
+    """The customers of a batch the book refuses, each tried alone, with the reason (`late` as
+    the batch: a batch that takes its numbers late does not lock the sequences to find them)."""
     failed: dict[str, str] = {}
     for customer in customers:
         try:
-            _bill(uow, stored, ev, [customer], index=index)
+            _bill(uow, stored, ev, [customer], index=index, late=late)
         except DatabaseError:
             raise
         except BookError as exc:
