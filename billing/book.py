@@ -218,6 +218,8 @@ class Book:
 
     def __getstate__(self) -> dict[str, Any]:
         self._unarchive_all()  # a snapshot of the whole book holds every invoice as before
+        if self.__dict__.pop("_due_stale", False):
+            self._queue_all()
         state = dict(self.__dict__)
         state.pop("_archive", None)
         state.pop("_archived", None)
@@ -839,6 +841,8 @@ class Book:
 
         The queue holds every subscription's next transition (plus stale entries, skipped when
         popped), so each step costs O(log N) instead of a scan of the book."""
+        if self.__dict__.pop("_due_stale", False):
+            self._queue_all()
         due = self._due
         while due and due[0][0] <= until:
             at, stage, order, sub_id = heapq.heappop(due)
@@ -869,7 +873,9 @@ class Book:
 
     def _requeue_after(self, event: Event) -> None:
         if isinstance(event, InvoiceRunEvent):
-            self._queue_all()
+            # a run may end coupon windows of any customer: the queue is rebuilt when next
+            # needed (the next `_advance`, a snapshot), which a batch's book never is
+            self.__dict__["_due_stale"] = True
             return
         sub_id = getattr(event, "subscription", None)
         customer = getattr(event, "customer", None)
