@@ -147,9 +147,9 @@ class Bulk:
 
     def insert(self, table: str, columns: Sequence[tuple[str, str]], rows: Sequence[tuple[Any, ...]], *,
                offset: tuple[str, str] | None = None) -> None:
-        """Insert `rows` (tuples in `columns` order). `offset` (PostgreSQL only): a column whose
-        values are added to the base a scalar query gives when the statement runs (a creation
-        order continued from the table's maximum)."""
+        """Insert `rows` (tuples in `columns` order). `offset`: a column whose values are added to
+        the base a scalar query gives when the statement runs (a creation order continued from
+        the table's maximum, whenever the rows are sent: `defer_writes`)."""
         if not rows:
             return
         names = ", ".join(name for name, _ in columns)
@@ -163,10 +163,20 @@ class Bulk:
                              f"FROM unnest({_arrays(columns)}) AS v({names}) CROSS JOIN ({base}) AS b(base)")
             self._send(statement, _transpose(rows, columns))
         else:
-            if offset is not None:
-                raise ValueError("an offset column is computed in SQL on PostgreSQL only")
             marks = ", ".join("?" for _ in columns)
-            self._send(f"INSERT INTO {table} ({names}) VALUES ({marks})", list(rows))  # noqa: S608
+            statement = f"INSERT INTO {table} ({names}) VALUES ({marks})"  # noqa: S608
+            if offset is None:
+                self._send(statement, list(rows))
+            else:
+                shifted, base = offset
+                at = [name for name, _ in columns].index(shifted)
+                connection = self.connection
+
+                def shift() -> list[tuple[Any, ...]]:
+                    start = int(connection.exec_driver_sql(base).scalar() or 0)
+                    return [(*row[:at], row[at] + start, *row[at + 1:]) for row in rows]
+
+                self._send(statement, shift)
 
     def update(self, table: str, keys: Sequence[tuple[str, str]], columns: Sequence[tuple[str, str]],
                rows: Sequence[tuple[Any, ...]], *, extra: str = "", check: str = "", conflict: str = "") -> int:
@@ -196,11 +206,12 @@ class Bulk:
 
     def _send(self, statement: str, params: Any, expect: int | None = None, conflict: str = "") -> int:
         """Run the statement now, or, in a session whose writes are deferred (`defer_writes`),
-        when they are sent; `expect`: the rows it must change."""
+        when they are sent; `params` may be a function giving them then; `expect`: the rows it
+        must change."""
         connection = self.connection  # not `self`: a deferred write must not hold its list in a cycle
 
         def send() -> int:
-            count = int(connection.exec_driver_sql(statement, params).rowcount)
+            count = int(connection.exec_driver_sql(statement, params() if callable(params) else params).rowcount)
             if expect is not None and count != expect:
                 raise ConcurrentModification(conflict or "a row changed since it was read; retry")
             return count
@@ -439,9 +450,9 @@ class LedgerRepository:
         if not invoices:
             return
         bulk = Bulk(self.session)
-        # PostgreSQL continues the creation order from the table's maximum when the rows are
-        # sent (which may be later: `defer_writes`); SQLite reads it first (its writers queue)
-        seq = 0 if bulk.postgres else self.session.scalar(select(func.max(InvoiceRow.seq))) or 0
+        # the creation order continues from the table's maximum when the rows are sent (which
+        # may be later: `defer_writes`)
+        seq = 0
         instant, decimal = bulk.instant, bulk.decimal
         heads: list[tuple[Any, ...]] = []
         rows: list[tuple[Any, ...]] = []
@@ -460,8 +471,7 @@ class LedgerRepository:
                 decimal(line.unit_amount), to_minor(line.amount, cur), decimal(line.included),
                 instant(line.period_start), instant(line.period_end),
             ) for index, line in enumerate(invoice.lines))
-        bulk.insert("invoices", INVOICE_COLUMNS, heads,
-                    offset=("seq", "SELECT coalesce(max(seq), 0) FROM invoices") if bulk.postgres else None)
+        bulk.insert("invoices", INVOICE_COLUMNS, heads, offset=("seq", "SELECT coalesce(max(seq), 0) FROM invoices"))
         bulk.insert("invoice_lines", INVOICE_LINE_COLUMNS, rows)
 
     def set_status(self, number: str, status: InvoiceStatus) -> None:
