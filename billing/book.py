@@ -33,6 +33,7 @@ from fractions import Fraction
 from functools import lru_cache
 from typing import Any, Literal
 
+from billing.archive import decode_invoices
 from billing.catalog import AddOn, Catalog, CatalogIndex, Metric, Plan, Priced
 from billing.credit_notes import CreditNoteError, draft_credit_note
 from billing.discounts import Coupon, Tag, covers, discount_lines
@@ -103,8 +104,8 @@ LineAt = tuple[str, int]
 per billed line, and tuples pickle far cheaper than records)."""
 
 Archived = tuple[tuple[str, ...], bytes]
-"""Invoices kept pickled until something reads them: their numbers and the pickle of the tuple of
-them, in issue order (billing.shards keeps a customer's past invoices so)."""
+"""Invoices kept encoded until something reads them: their numbers and their encoding
+(billing.archive), in issue order (billing.shards keeps a customer's past invoices so)."""
 
 
 class BookError(ValueError):
@@ -1338,7 +1339,7 @@ class Book:
     # -- archived invoices ---------------------------------------------------------------------
 
     def archive_invoices(self, customer: str, archived: list[Archived]) -> None:
-        """Take a customer's past invoices still pickled (billing.shards): they are numbered in
+        """Take a customer's past invoices still encoded (billing.shards): they are numbered in
         `invoice_order` now and decoded only when a command or a reader needs one. Call before
         the customer's decoded invoices are added (the archived ones were issued first)."""
         if not archived:
@@ -1357,8 +1358,7 @@ class Book:
 
     def _unarchive(self, customer: str) -> None:
         for numbers, data in self._archive.pop(customer, []):
-            invoices = pickle.loads(data)  # noqa: S301 - our own snapshot from our own database
-            for number, invoice in zip(numbers, invoices, strict=True):
+            for number, invoice in zip(numbers, decode_invoices(data), strict=True):
                 self.invoices[number] = invoice
                 del self._archived[number]
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
+from billing.archive import encode_invoices
 from billing.book import Account, Archived, Book, Outcome
 from billing.catalog import Catalog
 from billing.discounts import Coupon, Tag
@@ -53,9 +54,10 @@ class Counters:
 class CustomerPart:
     """One customer's share of the book.
 
-    Its past invoices stay pickled (`archived`, issue order, before `invoices`): a run or a
-    command that does not read them neither decodes nor encodes them again, so a part's cost does
-    not grow with its history. Pickling a part archives its decoded invoices as one more entry."""
+    Its past invoices stay encoded (`archived`, issue order, before `invoices`; billing.archive):
+    a run or a command that does not read them neither decodes nor encodes them again, so a
+    part's cost does not grow with its history. Pickling a part archives its decoded invoices as
+    one more entry."""
 
     account: Account
     subscriptions: dict[str, Subscription] = field(default_factory=dict)
@@ -70,8 +72,7 @@ class CustomerPart:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         if self.invoices:
-            data = pickle.dumps(tuple(self.invoices.values()), protocol=pickle.HIGHEST_PROTOCOL)
-            entry = (tuple(self.invoices), data)
+            entry = (tuple(self.invoices), encode_invoices(self.invoices.values()))
             state["archived"] = [*self.archived, entry]
             state["invoices"] = {}
         return state
