@@ -25,6 +25,7 @@ import pickle
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from functools import cache
 from typing import Any
 
 from billing.records import Invoice, InvoiceLine, Record, _field_names, _restore_record
@@ -37,6 +38,8 @@ INVOICE_FIELDS = ("number", "customer", "currency", "status", "issued_at", "bill
 LINE_FIELDS = ("kind", "description", "subscription", "quantity", "unit_amount", "amount", "period_start",
                "period_end", "included")
 
+_INVOICE_SET = frozenset(INVOICE_FIELDS)
+_LINE_SET = frozenset(LINE_FIELDS)
 _PROTOCOL = 5
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
@@ -71,12 +74,16 @@ def decode_invoices(data: bytes) -> tuple[Invoice, ...]:
 # -- encoding ----------------------------------------------------------------------------------
 
 
-def _unset(record: Record, count: int) -> int:
-    """The bit mask of the record's fields left unset (as `Record.__reduce__` keeps it)."""
-    fields_set = record.__pydantic_fields_set__
-    if len(fields_set) == count:
-        return 0
-    return sum(1 << bit for bit, name in enumerate(_field_names(type(record))) if name not in fields_set)
+def _unset(record: Record, every: frozenset[str]) -> int:
+    """The bit mask of the record's fields left unset (as `Record.__reduce__` keeps it); `every`
+    is the set of all its fields."""
+    unset = every - record.__pydantic_fields_set__
+    return _mask(type(record), unset) if unset else 0
+
+
+@cache
+def _mask(cls: type[Record], unset: frozenset[str]) -> int:
+    return sum(1 << bit for bit, name in enumerate(_field_names(cls)) if name in unset)
 
 
 def _amount(value: Any) -> str:
@@ -105,7 +112,7 @@ def _line_row(line: InvoiceLine) -> tuple[Any, ...]:
     v = line.__dict__
     return (v["kind"], v["description"], v["subscription"], _optional_amount(v["quantity"]),
             _optional_amount(v["unit_amount"]), _amount(v["amount"]), _optional_instant(v["period_start"]),
-            _optional_instant(v["period_end"]), _optional_amount(v["included"]), _unset(line, 9))
+            _optional_instant(v["period_end"]), _optional_amount(v["included"]), _unset(line, _LINE_SET))
 
 
 def _invoice_row(invoice: Invoice) -> tuple[Any, ...]:
@@ -115,7 +122,7 @@ def _invoice_row(invoice: Invoice) -> tuple[Any, ...]:
     return (v["number"], v["customer"], v["currency"], v["status"], _instant(v["issued_at"]), v["billing_date"],
             tuple(map(_line_row, v["lines"])), _amount(v["subtotal"]), _amount(v["discount"]), _amount(v["tax"]),
             _amount(v["total"]), _amount(v["credit_applied"]), _amount(v["amount_due"]),
-            _amount(v["credit_added"]), _unset(invoice, 14))
+            _amount(v["credit_added"]), _unset(invoice, _INVOICE_SET))
 
 
 # -- decoding ----------------------------------------------------------------------------------
