@@ -152,10 +152,12 @@ class Account:
     next_invoice: int = 1  # its own series, with settings invoice_numbering.scope "customer"
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        line_tags = state.get("line_tags")
-        if line_tags and any(isinstance(ats[0], LineRef) for ats in line_tags.values() if ats):
-            # saved when the lines were LineRef records (all of them then)
-            state["line_tags"] = {tag: [_line_at(at) for at in ats] for tag, ats in line_tags.items()}
+        line_tags = state.get("line_tags") or {}
+        for ats in line_tags.values():  # the first list tells: every load passes here, and the tags grow
+            if ats:
+                if isinstance(ats[0], LineRef):  # saved when the lines were LineRef records (all of them then)
+                    state["line_tags"] = {tag: [_line_at(at) for at in refs] for tag, refs in line_tags.items()}
+                break
         self.__dict__.update(state)
 
 
