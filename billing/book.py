@@ -33,6 +33,7 @@ from fractions import Fraction
 from functools import lru_cache
 from typing import Any, Literal
 
+from billing.archive import decode_invoices
 from billing.catalog import AddOn, Catalog, CatalogIndex, Metric, Plan, Priced
 from billing.credit_notes import CreditNoteError, draft_credit_note
 from billing.discounts import Coupon, Tag, covers, discount_lines
@@ -103,8 +104,8 @@ LineAt = tuple[str, int]
 per billed line, and tuples pickle far cheaper than records)."""
 
 Archived = tuple[tuple[str, ...], bytes]
-"""Invoices kept pickled until something reads them: their numbers and the pickle of the tuple of
-them, in issue order (billing.shards keeps a customer's past invoices so)."""
+"""Invoices kept encoded until something reads them: their numbers and their encoding
+(billing.archive), in issue order (billing.shards keeps a customer's past invoices so)."""
 
 
 class BookError(ValueError):
@@ -151,10 +152,12 @@ class Account:
     next_invoice: int = 1  # its own series, with settings invoice_numbering.scope "customer"
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        line_tags = state.get("line_tags")
-        if line_tags and any(isinstance(ats[0], LineRef) for ats in line_tags.values() if ats):
-            # saved when the lines were LineRef records (all of them then)
-            state["line_tags"] = {tag: [_line_at(at) for at in ats] for tag, ats in line_tags.items()}
+        line_tags = state.get("line_tags") or {}
+        for ats in line_tags.values():  # the first list tells: every load passes here, and the tags grow
+            if ats:
+                if isinstance(ats[0], LineRef):  # saved when the lines were LineRef records (all of them then)
+                    state["line_tags"] = {tag: [_line_at(at) for at in refs] for tag, refs in line_tags.items()}
+                break
         self.__dict__.update(state)
 
 
@@ -1338,7 +1341,7 @@ class Book:
     # -- archived invoices ---------------------------------------------------------------------
 
     def archive_invoices(self, customer: str, archived: list[Archived]) -> None:
-        """Take a customer's past invoices still pickled (billing.shards): they are numbered in
+        """Take a customer's past invoices still encoded (billing.shards): they are numbered in
         `invoice_order` now and decoded only when a command or a reader needs one. Call before
         the customer's decoded invoices are added (the archived ones were issued first)."""
         if not archived:
@@ -1357,8 +1360,7 @@ class Book:
 
     def _unarchive(self, customer: str) -> None:
         for numbers, data in self._archive.pop(customer, []):
-            invoices = pickle.loads(data)  # noqa: S301 - our own snapshot from our own database
-            for number, invoice in zip(numbers, invoices, strict=True):
+            for number, invoice in zip(numbers, decode_invoices(data), strict=True):
                 self.invoices[number] = invoice
                 del self._archived[number]
 

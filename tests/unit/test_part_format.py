@@ -4,7 +4,9 @@ still load."""
 
 from __future__ import annotations
 
+import copy
 import copyreg
+import dataclasses
 import io
 import pickle
 from pathlib import Path
@@ -13,7 +15,7 @@ from typing import Any
 import pytest
 
 from billing.book import Book
-from billing.records import InvoiceLine, Record
+from billing.records import InvoiceLine, LineRef, Record
 from billing.replay import replay_in_memory
 from billing.scenario import PayEvent, parse_scenario_text
 from billing.shards import Counters, CustomerPart, assemble, counters_of, split
@@ -141,3 +143,31 @@ def test_a_record_pickles_which_fields_were_left_unset() -> None:
 def test_counters_are_untouched_by_archiving() -> None:
     book = _book_with_history()
     assert counters_of(_reloaded(book)) == counters_of(book) != Counters()
+
+
+def test_an_account_saved_with_line_ref_records_loads_as_tuples() -> None:
+    book = _book_with_history()
+    checked = 0
+    for part in split(book).values():
+        account = part.account
+        if not account.line_tags:
+            continue
+        checked += 1
+        old = copy.copy(account)
+        old.line_tags = {tag: [LineRef(invoice=n, line=i) for n, i in ats] for tag, ats in account.line_tags.items()}
+        loaded = CustomerPart.loads(dataclasses.replace(part, account=old).dumps()).account
+        assert loaded.line_tags == account.line_tags
+        assert all(type(at) is tuple for ats in loaded.line_tags.values() for at in ats)
+        assert loaded == account
+    assert checked
+
+
+def test_parts_load_alike_through_the_class_cache() -> None:
+    """`CustomerPart.loads` looks classes up once per process; what it loads is what pickle loads."""
+    book = _book_with_history()
+    for part in split(book).values():
+        data = part.dumps()
+        first, second = CustomerPart.loads(data), CustomerPart.loads(data)
+        plain = pickle.loads(data)  # noqa: S301 - made by this test
+        assert first == second == plain
+        assert type(first.account.created_at.tzinfo) is type(plain.account.created_at.tzinfo)
