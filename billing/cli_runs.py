@@ -60,11 +60,11 @@ def invoice_run_command(engine: Engine, db: str, *, as_of: datetime | None, dry_
                            "--join", str(join), "--batch", str(batch), "--quiet", "--db", db, "--actor", actor]
                 helpers = [subprocess.Popen(command, stdout=subprocess.DEVNULL) for _ in range(workers - 1)]
             summary = run(engine, ev, actor=actor, batch=batch, progress=progress, collect=collected, join=join,
-                          skip_locked=postgres, pipeline=True)
+                          skip_locked=postgres)
             for helper in helpers:
                 helper.wait()
             if helpers:
-                summary = run(engine, ev, actor=actor, batch=batch, join=join, skip_locked=postgres, pipeline=True)
+                summary = run(engine, ev, actor=actor, batch=batch, join=join, skip_locked=postgres)
     except BookError:
         raise
     finally:

@@ -186,7 +186,7 @@ def _worker(url: str, run_id: int | None, batch: int, queue: Any) -> None:
     ev = InvoiceRunEvent(type="invoice_run", at=AS_OF)
     started = time.time()
     summary = run(engine, ev, actor="bench", batch=batch, join=run_id,
-                  skip_locked=engine.dialect.name == "postgresql", pipeline=True)
+                  skip_locked=engine.dialect.name == "postgresql")
     engine.dispose()
     queue.put({"run": summary.run_id, "invoices": summary.invoices, "started": started,
                "seconds": time.time() - started, "peak_rss_mb": _peak_rss_mb()})

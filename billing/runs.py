@@ -158,7 +158,7 @@ def run_invoices_event(engine: Engine, ev: InvoiceRunEvent, *, actor: str, idemp
 def run(engine: Engine, ev: InvoiceRunEvent, *, actor: str, idempotency_key: str | None = None,
         index: int | None = None, clock: Callable[[], datetime] = utc_now, progress: ProgressCallback | None = None,
         batch: int = BATCH, dry_run: bool = False, collect: Outcome | None = None,
-        join: int | None = None, skip_locked: bool = False, pipeline: bool = False,
+        join: int | None = None, skip_locked: bool = False,
         fault: Callable[[int], None] | None = None) -> RunSummary:
     """Plan (or resume, or join) the run at `ev.at` and bill its customers batch by batch.
 
@@ -169,12 +169,12 @@ def run(engine: Engine, ev: InvoiceRunEvent, *, actor: str, idempotency_key: str
     with fewer_collections():
         return _run(engine, ev, actor=actor, idempotency_key=idempotency_key, index=index, clock=clock,
                     progress=progress, batch=batch, dry_run=dry_run, collect=collect, join=join,
-                    skip_locked=skip_locked, pipeline=pipeline, fault=fault)
+                    skip_locked=skip_locked, fault=fault)
 
 
 def _run(engine: Engine, ev: InvoiceRunEvent, *, actor: str, idempotency_key: str | None, index: int | None,
          clock: Callable[[], datetime], progress: ProgressCallback | None, batch: int, dry_run: bool,
-         collect: Outcome | None, join: int | None, skip_locked: bool, pipeline: bool,
+         collect: Outcome | None, join: int | None, skip_locked: bool,
          fault: Callable[[int], None] | None) -> RunSummary:
     started = time.perf_counter()
     if dry_run:
@@ -186,9 +186,7 @@ def _run(engine: Engine, ev: InvoiceRunEvent, *, actor: str, idempotency_key: st
         counts = uow.runs.progress(run_id)
     total = sum(counts.values())
     done_count = counts["done"] + counts["failed"]
-    # PostgreSQL workers (SKIP LOCKED claims) and a run asked to (`pipeline`) number late and
-    # draft a batch while the previous one is written
-    pipelined = skip_locked or pipeline
+    pipelined = skip_locked and engine.dialect.name == "postgresql"
     attempt = 0
 
     def retry_or_give_up(exc: BaseException) -> None:
@@ -217,7 +215,6 @@ def _run(engine: Engine, ev: InvoiceRunEvent, *, actor: str, idempotency_key: st
     with ThreadPoolExecutor(1, thread_name_prefix="run-writer") as writer:
         in_flight: Future[_Batch] | None = None
         floor: Counters | None = None
-        writing: list[str] = []  # the customers of the batch being written (still pending until it commits)
         while True:
             number = summary.batches + (in_flight is not None)
             drafted: _Drafted | None = None
@@ -225,8 +222,7 @@ def _run(engine: Engine, ev: InvoiceRunEvent, *, actor: str, idempotency_key: st
             try:
                 drafted = _draft_batch(engine, run_id, command_id, ev, index=index, batch=batch, clock=clock,
                                        skip_locked=skip_locked, number=number, pipelined=pipelined,
-                                       floor=floor if in_flight is not None else None,
-                                       exclude=writing if in_flight is not None else ())
+                                       floor=floor if in_flight is not None else None)
             except (DatabaseError, ConcurrentModification) as exc:
                 compute_error = exc
             except Exception as exc:
@@ -251,7 +247,6 @@ def _run(engine: Engine, ev: InvoiceRunEvent, *, actor: str, idempotency_key: st
                     raise
                 finally:
                     in_flight = None
-                    writing = []
             if compute_error is not None:
                 retry_or_give_up(compute_error)
                 continue
@@ -261,7 +256,6 @@ def _run(engine: Engine, ev: InvoiceRunEvent, *, actor: str, idempotency_key: st
                 break
             if pipelined:  # the next batch is drafted while this one is written, numbered past it
                 floor = _expected_end(drafted, prior)
-                writing = drafted.customers
                 in_flight = writer.submit(_write_batch, drafted, run_id, command_id, fault)
                 continue
             try:
@@ -377,8 +371,7 @@ class _Drafted:
 
 def _draft_batch(engine: Engine, run_id: int, command_id: int, ev: InvoiceRunEvent, *, index: int | None,
                  batch: int, clock: Callable[[], datetime], skip_locked: bool, number: int,
-                 pipelined: bool = False, floor: Counters | None = None,
-                 exclude: Sequence[str] = ()) -> _Drafted | None:
+                 pipelined: bool = False, floor: Counters | None = None) -> _Drafted | None:
     """Open the batch's transaction, claim its customers and apply the run to them (None: no
     customer left to claim). The transaction stays open for `_write_batch`.
 
@@ -395,11 +388,11 @@ def _draft_batch(engine: Engine, run_id: int, command_id: int, ev: InvoiceRunEve
 
     uow = UnitOfWork(engine, clock=clock).__enter__()
     try:
-        late = skip_locked or pipelined
+        late = skip_locked
         postgres = uow.parts.postgres
         if not late and not postgres:
             uow.parts.lock_sequences(())
-        customers = uow.runs.claim(run_id, batch, skip_locked=skip_locked or postgres, exclude=exclude)
+        customers = uow.runs.claim(run_id, batch, skip_locked=skip_locked or postgres)
         if not customers:
             uow.__exit__(None, None, None)
             return None

@@ -285,15 +285,12 @@ class RunRepository:
                              .values(state=state, updated_at=now, error=error)
                              .execution_options(synchronize_session=False))
 
-    def claim(self, run_id: int, limit: int, *, skip_locked: bool, exclude: Sequence[str] = ()) -> list[str]:
+    def claim(self, run_id: int, limit: int, *, skip_locked: bool) -> list[str]:
         """The next pending customers in creation order, locked until the transaction ends; with
-        `skip_locked` (PostgreSQL workers) rows another worker holds are passed over; `exclude`:
-        customers still pending because this worker's batch being written holds them."""
+        `skip_locked` (PostgreSQL workers) rows another worker holds are passed over."""
         query = (select(InvoiceRunCustomerRow.customer)
                  .where(InvoiceRunCustomerRow.run_id == run_id, InvoiceRunCustomerRow.state == "pending")
                  .order_by(InvoiceRunCustomerRow.position).limit(limit))
-        if exclude:
-            query = query.where(InvoiceRunCustomerRow.customer.not_in(list(exclude)))
         if skip_locked:
             query = query.with_for_update(skip_locked=True)
         return list(self.session.scalars(query))

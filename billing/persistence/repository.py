@@ -95,9 +95,8 @@ class ConcurrentModification(PersistenceError):
 
 class Bulk:
     """Many rows in one statement per table, in the session's transaction, without SQLAlchemy's
-    per-row compile and bind: on SQLite `INSERT … VALUES` (or `UPDATE … FROM (VALUES …)`) of up
-    to 30,000 bound values, on PostgreSQL one `INSERT … SELECT` (or `UPDATE … FROM`)
-    over `unnest` of one array per column. Values are given already converted
+    per-row compile and bind: on SQLite one `executemany`, on PostgreSQL one `INSERT … SELECT` (or
+    `UPDATE … FROM`) over `unnest` of one array per column. Values are given already converted
     with the methods below, which store exactly what the column types would
     (`billing.persistence.types`, SQLAlchemy's SQLite formats, `json.dumps`), so rows written here
     read back and compare as rows written through the ORM. Errors are SQLAlchemy's (DBAPIError).
@@ -148,9 +147,9 @@ class Bulk:
 
     def insert(self, table: str, columns: Sequence[tuple[str, str]], rows: Sequence[tuple[Any, ...]], *,
                offset: tuple[str, str] | None = None) -> None:
-        """Insert `rows` (tuples in `columns` order). `offset`: a column whose values are added to
-        the base a scalar query gives when the statement runs (a creation order continued from
-        the table's maximum, whenever the rows are sent: `defer_writes`)."""
+        """Insert `rows` (tuples in `columns` order). `offset` (PostgreSQL only): a column whose
+        values are added to the base a scalar query gives when the statement runs (a creation
+        order continued from the table's maximum)."""
         if not rows:
             return
         names = ", ".join(name for name, _ in columns)
@@ -164,24 +163,10 @@ class Bulk:
                              f"FROM unnest({_arrays(columns)}) AS v({names}) CROSS JOIN ({base}) AS b(base)")
             self._send(statement, _transpose(rows, columns))
         else:
-            row_marks = "(" + ", ".join("?" for _ in columns) + ")"
-            at = [name for name, _ in columns].index(offset[0]) if offset is not None else -1
-            connection = self.connection
-            start: list[int] = []  # the offset's base, read when the first chunk is sent
-
-            def with_offset(chunk: Sequence[tuple[Any, ...]]) -> Callable[[], tuple[Any, ...]]:
-                def params() -> tuple[Any, ...]:
-                    if not start:
-                        assert offset is not None
-                        start.append(int(connection.exec_driver_sql(offset[1]).scalar() or 0))
-                    return tuple(v for row in chunk for v in (*row[:at], row[at] + start[0], *row[at + 1:]))
-                return params
-
-            for chunk in _sqlite_chunks(rows, len(columns)):
-                statement = (f"INSERT INTO {table} ({names}) "  # noqa: S608 - this module's constants
-                             f"VALUES {', '.join([row_marks] * len(chunk))}")
-                flat = with_offset(chunk) if offset is not None else tuple(v for row in chunk for v in row)
-                self._send(statement, flat)
+            if offset is not None:
+                raise ValueError("an offset column is computed in SQL on PostgreSQL only")
+            marks = ", ".join("?" for _ in columns)
+            self._send(f"INSERT INTO {table} ({names}) VALUES ({marks})", list(rows))  # noqa: S608
 
     def update(self, table: str, keys: Sequence[tuple[str, str]], columns: Sequence[tuple[str, str]],
                rows: Sequence[tuple[Any, ...]], *, extra: str = "", check: str = "", conflict: str = "") -> int:
@@ -203,31 +188,19 @@ class Bulk:
             statement = (f"UPDATE {table} SET {', '.join(sets)} "  # noqa: S608 - names are this module's constants
                          f"FROM unnest({_arrays(aliased)}) AS v({', '.join(n for n, _ in aliased)}) WHERE {where}")
             return self._send(statement, _transpose(rows, aliased), len(rows) if check else None, conflict)
-        aliased = [*keys, *columns, *[(f"{name}_", kind) for name, kind in matched[len(keys):]]]
-        sets = [f"{name} = v.{name}" for name, _ in columns] + ([extra] if extra else [])
-        where = " AND ".join(f"{table}.{name} = v.{alias}"
-                             for (name, _), (alias, _) in zip(matched, [*keys, *aliased[width:]], strict=True))
-        row_marks = "(" + ", ".join("?" for _ in aliased) + ")"
-        picked = ", ".join(f"column{i} AS {name}" for i, (name, _) in enumerate(aliased, start=1))
-        counts = []
-        for chunk in _sqlite_chunks(rows, len(aliased)):
-            # not `WITH v AS (…) UPDATE`: Python's sqlite3 counts changed rows only for a statement
-            # that starts with the verb
-            statement = (f"UPDATE {table} SET {', '.join(sets)} "  # noqa: S608 - as above
-                         f"FROM (SELECT {picked} FROM (VALUES {', '.join([row_marks] * len(chunk))})) AS v "
-                         f"WHERE {where}")
-            counts.append(self._send(statement, tuple(v for row in chunk for v in row), len(chunk) if check else None,
-                                     conflict))
-        return -1 if -1 in counts else sum(counts)
+        sets = [f"{name} = ?" for name, _ in columns] + ([extra] if extra else [])
+        where = " AND ".join(f"{name} = ?" for name, _ in matched)
+        params = [(*row[len(keys):width], *row[:len(keys)], *row[width:]) for row in rows]
+        statement = f"UPDATE {table} SET {', '.join(sets)} WHERE {where}"  # noqa: S608 - as above
+        return self._send(statement, params, len(rows) if check else None, conflict)
 
     def _send(self, statement: str, params: Any, expect: int | None = None, conflict: str = "") -> int:
         """Run the statement now, or, in a session whose writes are deferred (`defer_writes`),
-        when they are sent; `params` may be a function giving them then; `expect`: the rows it
-        must change."""
+        when they are sent; `expect`: the rows it must change."""
         connection = self.connection  # not `self`: a deferred write must not hold its list in a cycle
 
         def send() -> int:
-            count = int(connection.exec_driver_sql(statement, params() if callable(params) else params).rowcount)
+            count = int(connection.exec_driver_sql(statement, params).rowcount)
             if expect is not None and count != expect:
                 raise ConcurrentModification(conflict or "a row changed since it was read; retry")
             return count
@@ -266,20 +239,6 @@ def defer_writes(session: Session) -> Iterator[list[Callable[[], object]]]:
         yield writes
     finally:
         del session.info[_DEFERRED]
-
-
-SQLITE_PARAMETERS = 30_000  # under SQLite's limit of bound parameters per statement (32,766)
-
-
-def _sqlite_chunks(rows: Sequence[tuple[Any, ...]], width: int) -> Iterator[Sequence[tuple[Any, ...]]]:
-    """`rows` in slices of as many rows as one SQLite statement can bind. Many rows in one
-    statement's `VALUES` cost SQLite about two thirds of the time `executemany` takes (2,000
-    invoice lines: 4.8-6.2 ms against 8.0-9.5 ms), and the statement runs in one step that
-    releases the GIL: a pipelined run drafts the next batch meanwhile (`executemany` takes the GIL
-    back after every row)."""
-    per = max(1, SQLITE_PARAMETERS // width)
-    for start in range(0, len(rows), per):
-        yield rows[start:start + per]
 
 
 def _arrays(columns: Sequence[tuple[str, str]]) -> str:
@@ -480,9 +439,9 @@ class LedgerRepository:
         if not invoices:
             return
         bulk = Bulk(self.session)
-        # the creation order continues from the table's maximum when the rows are sent (which
-        # may be later: `defer_writes`)
-        seq = 0
+        # PostgreSQL continues the creation order from the table's maximum when the rows are
+        # sent (which may be later: `defer_writes`); SQLite reads it first (its writers queue)
+        seq = 0 if bulk.postgres else self.session.scalar(select(func.max(InvoiceRow.seq))) or 0
         instant, decimal = bulk.instant, bulk.decimal
         heads: list[tuple[Any, ...]] = []
         rows: list[tuple[Any, ...]] = []
@@ -501,7 +460,8 @@ class LedgerRepository:
                 decimal(line.unit_amount), to_minor(line.amount, cur), decimal(line.included),
                 instant(line.period_start), instant(line.period_end),
             ) for index, line in enumerate(invoice.lines))
-        bulk.insert("invoices", INVOICE_COLUMNS, heads, offset=("seq", "SELECT coalesce(max(seq), 0) FROM invoices"))
+        bulk.insert("invoices", INVOICE_COLUMNS, heads,
+                    offset=("seq", "SELECT coalesce(max(seq), 0) FROM invoices") if bulk.postgres else None)
         bulk.insert("invoice_lines", INVOICE_LINE_COLUMNS, rows)
 
     def set_status(self, number: str, status: InvoiceStatus) -> None:
