@@ -13,7 +13,6 @@ from typing import Any
 from sqlalchemy import Integer, String, bindparam, func, insert, literal, or_, select, update
 from sqlalchemy.orm import Session
 
-from billing.money import to_minor
 from billing.persistence.repository import Bulk
 from billing.persistence.run_tables import (
     CustomerBookRow,
@@ -201,7 +200,7 @@ class PartsRepository:
         stamp = bulk.instant(now)
         bulk.update("customers", (("id", "text"),), (("mrr", "bigint"), ("credit_balance", "bigint"),
                                                       ("updated_at", "timestamptz")),
-                    [(id_, to_minor(mrr, currency), to_minor(credit, currency), stamp)
+                    [(id_, bulk.minor(currency)(mrr), bulk.minor(currency)(credit), stamp)
                      for id_, currency, mrr, credit in customers], extra="version = customers.version + 1")
         instant, flag, dumps = bulk.instant, bulk.flag, bulk.json
         bulk.update("subscriptions", (("id", "text"),), SUBSCRIPTION_VIEW_COLUMNS, [
@@ -219,13 +218,15 @@ class PartsRepository:
         rows: dict[tuple[str, str, datetime, datetime], str] = {}
         for invoice in invoices:
             for line in invoice.lines:
-                if line.kind in ("plan", "usage") and line.subscription is not None \
+                kind = line.kind
+                if (kind == "plan" or kind == "usage") and line.subscription is not None \
                         and line.period_start is not None and line.period_end is not None:
-                    kind = "usage" if line.kind == "usage" else "licensed"
-                    rows.setdefault((line.subscription, kind, line.period_start, line.period_end), invoice.number)
+                    rows.setdefault((line.subscription, "usage" if kind == "usage" else "licensed", line.period_start,
+                                     line.period_end), invoice.number)
         bulk = Bulk(self.session)
+        instant = bulk.instant
         bulk.insert("billed_periods", BILLED_PERIOD_COLUMNS, [
-            (s, k, bulk.instant(a), bulk.instant(b), n) for (s, k, a, b), n in rows.items()])
+            (s, k, instant(a), instant(b), n) for (s, k, a, b), n in rows.items()])
 
 
 def _bind(name: str) -> Any:
