@@ -33,7 +33,7 @@ amounts are integer minor units (customer currency; `lost` in the reporting curr
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from fractions import Fraction
@@ -72,13 +72,15 @@ class Conversion:
         self.settings = settings
         self.strict = strict
         self.reporting = settings.reporting_currency
+        self.rounding = settings.rounding
         breaks: set[int] = set()
         for entry in settings.fx_rates:
             # the end rate changes in the month holding `from`, the start rate then or a month later
             month = entry.from_.year * 12 + entry.from_.month - 1
             breaks.update((month, month + 1))
         self.breaks = tuple(sorted(breaks))
-        self._factor = cache(self._compute_factor)
+        # (currency, month, end) -> the factor as (numerator, denominator), None without a rate
+        self._ratios: dict[tuple[str, int, bool], tuple[int, int] | None] = {}
 
     def _compute_factor(self, currency: str, month: int, end: bool) -> Fraction | None:
         at = month_start(month + 1) - timedelta(microseconds=1) if end else month_start(month)
@@ -88,15 +90,31 @@ class Conversion:
             return None
         return rate * Fraction(10) ** (minor_units(self.reporting) - minor_units(currency))
 
+    def ratio(self, currency: str, month: int, end: bool) -> tuple[int, int] | None:
+        """The factor at a month's first or last instant as (numerator, denominator); None
+        without a rate."""
+        key = (currency, month, end)
+        ratio = self._ratios.get(key, _UNKNOWN)
+        if ratio is _UNKNOWN:
+            factor = self._compute_factor(currency, month, end)
+            ratio = self._ratios[key] = None if factor is None else (factor.numerator, factor.denominator)
+        return ratio
+
     def convert(self, currency: str, month: int, amount: int, *, end: bool) -> int:
         if currency == self.reporting or amount == 0:
             return amount
-        factor = self._factor(currency, month, end)
-        if factor is None:
+        key = (currency, month, end)
+        ratio = self._ratios.get(key, _UNKNOWN)
+        if ratio is _UNKNOWN:
+            ratio = self.ratio(currency, month, end)
+        if ratio is None:
             if not self.strict:
                 return 0
             raise MissingRate(f"no fx rate for {currency} in {self.reporting} in month {month}")
-        return round_quotient(amount * factor.numerator, factor.denominator, self.settings.rounding)
+        return round_quotient(amount * ratio[0], ratio[1], self.rounding)
+
+
+_UNKNOWN = (0, 0)  # a ratio not computed yet (no real ratio has a zero denominator)
 
 
 @cache
@@ -122,38 +140,55 @@ class _Customer:
         self.before = before
         self.first = first
 
-    def level(self, month: int) -> int:
-        """MRR at the end of `month`: the latest row at or before it, else the level before."""
-        i = bisect_right(self.months, month)
-        return self.ends[i - 1] if i else self.before
-
     def period_values(self, p: int, k: int) -> tuple[int, ...]:
         """The level measures of period p of k months (a quarter or a year)."""
         first, last = p * k, (p + 1) * k - 1
-        lo, hi = bisect_right(self.months, first - 1), bisect_right(self.months, last)
-        s = self.ends[lo - 1] if lo else self.before  # level(first - 1)
-        e = self.ends[hi - 1] if hi else self.before  # level(last)
-        expansions = sum(self.expansions[lo:hi])
-        lost = sum(self.lost[lo:hi])
-        start = self.conversion.convert(self.currency, first, s, end=False)
-        end = self.conversion.convert(self.currency, last, e, end=True)
-        member = start > 0
-        return (
-            start, end, int(member), int(end > 0),
-            end if member else 0, min(start, end) if member else 0,
-            int(expansions > 0), int(member and expansions > 0), min(lost, start) if member else 0,
-        )
+        months, ends = self.months, self.ends
+        lo, hi = bisect_right(months, first - 1), bisect_right(months, last)
+        # the level L(m), MRR at the end of month m, is the latest row's at or before m, else `before`
+        s = ends[lo - 1] if lo else self.before  # L(first - 1)
+        e = ends[hi - 1] if hi else self.before  # L(last)
+        if lo == hi:  # no row inside the period
+            expansions = lost = 0
+        else:
+            expansions = sum(self.expansions[lo:hi])
+            lost = sum(self.lost[lo:hi])
+        convert, currency = self.conversion.convert, self.currency
+        start = convert(currency, first, s, end=False)
+        end = convert(currency, last, e, end=True)
+        if start > 0:
+            return (start, end, 1, int(end > 0), end, min(start, end), int(expansions > 0), int(expansions > 0),
+                    min(lost, start))
+        return (start, end, 0, int(end > 0), 0, 0, int(expansions > 0), 0, 0)
+
+    def same_period(self, p: int, q: int, k: int) -> bool:
+        """Whether period q (after p) of k months has the level measures of period p without
+        computing them: every row is before p, so both start and end at the last level with
+        nothing moving inside, and the rates at their first and last instants are the same."""
+        months = self.months
+        if months and months[-1] >= p * k:
+            return False
+        currency, conversion = self.currency, self.conversion
+        if currency == conversion.reporting:
+            return True
+        return (conversion.ratio(currency, p * k, False) == conversion.ratio(currency, q * k, False)
+                and conversion.ratio(currency, p * k + k - 1, True) == conversion.ratio(currency, q * k + k - 1, True))
 
     def values(self, month: int) -> tuple[int, ...]:
         """q_c(month), in the order of `_measures(currency, cohort)`."""
-        s = self.level(month - 1)
-        e = self.level(month)
-        then = self.level(month - 12)
+        months, ends, before = self.months, self.ends, self.before
+        i = bisect_right(months, month - 1)
+        s = ends[i - 1] if i else before  # L(month - 1)
+        j = i + 1 if i < len(months) and months[i] == month else i
+        e = ends[j - 1] if j else before  # L(month): the row of `month` if there is one
+        i = bisect_right(months, month - 12, 0, i)
+        then = ends[i - 1] if i else before  # L(month - 12)
         own = self.rows.get(month)
         expansions = own.expansions if own is not None else 0
         lost = own.lost if own is not None else 0
-        start = self.conversion.convert(self.currency, month, s, end=False)
-        end = self.conversion.convert(self.currency, month, e, end=True)
+        convert, currency = self.conversion.convert, self.currency
+        start = convert(currency, month, s, end=False)
+        end = convert(currency, month, e, end=True)
         member = start > 0
         out = (
             start, end, int(member), int(end > 0),
@@ -192,13 +227,8 @@ def period_contribution(rows: Sequence[MonthRow], currency: str, p: int, k: int,
     return dict(zip(LEVEL_MEASURES, values, strict=True))
 
 
-def differences(rows: Sequence[MonthRow], currency: str, since: int, conversion: Conversion,
-                before: int = 0, first: MonthRow | None = None) -> dict[tuple[str, int], int]:
-    """The difference-array entries of one customer's contributions from month `since` on:
-    D(since) = q(since), and at each later breakpoint the change of q. `rows` must hold every row
-    from `since − 12` on; `before` is the level before the first of them and `first` the
-    customer's first row when `rows` do not start with it."""
-    start = _first(rows, first, before)
+def _points(rows: Sequence[MonthRow], currency: str, since: int, conversion: Conversion) -> set[int]:
+    """The months from `since` on where the contributions of these rows may change."""
     points = {since}
     for row in rows:
         for month in (row.month, row.month + 1, row.month + 12):
@@ -206,6 +236,24 @@ def differences(rows: Sequence[MonthRow], currency: str, since: int, conversion:
                 points.add(month)
     if currency != conversion.reporting:
         points.update(b for b in conversion.breaks if b > since)
+    return points
+
+
+def _periods(points: set[int], k: int, opening: int) -> set[int]:
+    """The periods of k months from `opening` on where the level measures may change."""
+    periods = {month // k for month in points}
+    periods.update(month // k + 1 for month in points)
+    return {p for p in periods if p >= opening}
+
+
+def differences(rows: Sequence[MonthRow], currency: str, since: int, conversion: Conversion,
+                before: int = 0, first: MonthRow | None = None) -> dict[tuple[str, int], int]:
+    """The difference-array entries of one customer's contributions from month `since` on:
+    D(since) = q(since), and at each later breakpoint the change of q. `rows` must hold every row
+    from `since − 12` on; `before` is the level before the first of them and `first` the
+    customer's first row when `rows` do not start with it."""
+    start = _first(rows, first, before)
+    points = _points(rows, currency, since, conversion)
     customer = _Customer(rows, currency, conversion, before, start)
     names = _measures(currency, start.month if start else None)
     out: dict[tuple[str, int], int] = {}
@@ -218,11 +266,8 @@ def differences(rows: Sequence[MonthRow], currency: str, since: int, conversion:
                     out[(name, month)] = now - then
         previous = current
     for period, k in PERIODS:
-        periods = {month // k for month in points}
-        periods.update(month // k + 1 for month in points)
-        opening = since // k
         previous = (0,) * len(LEVEL_MEASURES)
-        for p in sorted(q for q in periods if q >= opening):
+        for p in sorted(_periods(points, k, since // k)):
             current = customer.period_values(p, k)
             if current != previous:
                 for name, now, then in zip(_PERIOD_NAMES[period], current, previous, strict=True):
@@ -236,8 +281,69 @@ def change(old: Sequence[MonthRow], new: Sequence[MonthRow], currency: str, sinc
            before: int = 0, first: MonthRow | None = None) -> dict[tuple[str, int], int]:
     """What to add to the difference arrays when a customer's rows go from `old` to `new`, the
     two being equal before month `since` (`first`: the customer's first row as stored, if the rows
-    do not reach back to it)."""
-    out = differences(new, currency, since, conversion, before, first)
-    for key, value in differences(old, currency, since, conversion, before, first).items():
-        out[key] = out.get(key, 0) - value
-    return {key: value for key, value in out.items() if value}
+    do not reach back to it): `differences(new) − differences(old)` without its zeros, in its
+    order (the entries of `new`, then those only `old` has).
+
+    When both measure the same cohort (the usual case) the two are walked together, once over
+    their breakpoints: each history is evaluated only at its own breakpoints, as `differences`
+    does, and only the net entry is kept."""
+    new_start, old_start = _first(new, first, before), _first(old, first, before)
+    names = _measures(currency, new_start.month if new_start else None)
+    if names != _measures(currency, old_start.month if old_start else None):
+        out = differences(new, currency, since, conversion, before, first)
+        for key, value in differences(old, currency, since, conversion, before, first).items():
+            out[key] = out.get(key, 0) - value
+        return {key: value for key, value in out.items() if value}
+    new_customer = _Customer(new, currency, conversion, before, new_start)
+    old_customer = _Customer(old, currency, conversion, before, old_start)
+    new_points, old_points = _points(new, currency, since, conversion), _points(old, currency, since, conversion)
+    net: dict[tuple[str, int], int] = {}
+    only_old: dict[tuple[str, int], int] = {}
+    _walk(net, only_old, names, new_points, old_points, new_customer.values, old_customer.values)
+    for period, k in PERIODS:
+        opening = since // k
+        _walk(net, only_old, _PERIOD_NAMES[period], _periods(new_points, k, opening), _periods(old_points, k, opening),
+              new_customer.period_values, old_customer.period_values, k, new_customer.same_period,
+              old_customer.same_period)
+    net.update(only_old)
+    return net
+
+
+def _walk(net: dict[tuple[str, int], int], only_old: dict[tuple[str, int], int], names: tuple[str, ...],
+          new_points: set[int], old_points: set[int], new_values: Callable[..., tuple[int, ...]],
+          old_values: Callable[..., tuple[int, ...]], k: int = 0,
+          new_same: Callable[[int, int, int], bool] | None = None,
+          old_same: Callable[[int, int, int], bool] | None = None) -> None:
+    """`change` over one family of measures (months, or with `k` periods of k months): at each
+    breakpoint of either history the step of each (0 at a point that is not its own, or, for
+    periods, at one that `same` says reads as its previous one), the new step less the old one
+    put in `net` where the new history steps and in `only_old` where only the old one does."""
+    width = len(names)
+    new_previous = old_previous = (0,) * width
+    new_last = old_last = -1  # the last point each history was evaluated at
+    for point in sorted(new_points | old_points):
+        new_current, old_current = new_previous, old_previous
+        if point in new_points:
+            if not k:
+                new_current = new_values(point)
+            elif new_same is None or new_last < 0 or not new_same(new_last, point, k):
+                new_current = new_values(point, k)
+                new_last = point
+        if point in old_points:
+            if not k:
+                old_current = old_values(point)
+            elif old_same is None or old_last < 0 or not old_same(old_last, point, k):
+                old_current = old_values(point, k)
+                old_last = point
+        if new_current != new_previous or old_current != old_previous:
+            month = point * k if k else point
+            for name, now, then, old_now, old_then in zip(names, new_current, new_previous, old_current, old_previous,
+                                                          strict=True):
+                step = now - then
+                old_step = old_now - old_then
+                if step:
+                    if step != old_step:
+                        net[(name, month)] = step - old_step
+                elif old_step:
+                    only_old[(name, month)] = -old_step
+        new_previous, old_previous = new_current, old_current

@@ -461,7 +461,7 @@ def _same_numbers(real: Counters, base: Counters) -> bool:
 def _writes(drafted: _Drafted, run_id: int, command_id: int) -> None:
     """Everything a batch writes but the shared counters and the clock: its customers' parts,
     invoices, billed periods, movements and links, the views, and its customers marked done."""
-    from billing.service import _changed, _view_of, write_parts
+    from billing.service import _run_changes, _run_view_of, write_parts
 
     uow, book, outcome, failed = drafted.uow, drafted.book, drafted.outcome, drafted.failed
     now = uow.now()
@@ -474,8 +474,8 @@ def _writes(drafted: _Drafted, run_id: int, command_id: int) -> None:
     uow.ledger.add_links([*own_links, *outcome.links], command_id,
                          new_movements={m.id for m in outcome.movements},
                          new_invoices={i.number for i in outcome.issued})
-    customers_changed, subscriptions_changed = _changed(drafted.before, _view_of(book))
-    uow.parts.update_views(customers_changed, [sub for sub, _ in subscriptions_changed], now=now)
+    customers_changed, subscriptions_changed = _run_changes(drafted.before, _run_view_of(book))
+    uow.parts.update_views(customers_changed, subscriptions_changed, now=now)
     uow.runs.finish(run_id, _issued(drafted), failed)
 
 
@@ -485,7 +485,7 @@ def _bill(uow: UnitOfWork, stored: Any, ev: InvoiceRunEvent, customers: Sequence
     """Assemble these customers' book and apply the run to it (nothing written yet); `late`:
     numbering from the counters expected (read after the parts, so above every number the
     parts hold; at least `floor`), nothing shared locked (see `billing.shards.renumber`)."""
-    from billing.service import _view_of, load_parts
+    from billing.service import _run_view_of, load_parts
 
     book, loaded, sequences = load_parts(uow, stored, ev, customers, lock=not late)
     if book.clock is not None and book.clock > ev.at:
@@ -500,7 +500,7 @@ def _bill(uow: UnitOfWork, stored: Any, ev: InvoiceRunEvent, customers: Sequence
                         change=max(read.change, floor.change if floor else 0))
         book.next_invoice, book.next_movement, book.next_change = base.invoice, base.movement, base.change
     book.use_usage_source(BatchUsage(uow.usage, uow.session, book, ev.at))
-    before = _view_of(book)
+    before = _run_view_of(book)
     outcome = book.apply(ev, index, discard_on_error=True) if customers else Outcome()
     return book, loaded, sequences, before, outcome, base
 

@@ -36,11 +36,13 @@ from billing.expect import check as check_expect
 from billing.money import RoundingMode, round_money
 from billing.persistence import (
     ConcurrentModification,
+    CustomerBalances,
     CustomerView,
     Engine,
     PartWrite,
     StoredBook,
     StoredCommand,
+    SubscriptionState,
     SubscriptionView,
     UnitOfWork,
     create_engine,
@@ -956,6 +958,63 @@ def _view_of(book: Book) -> _View:
                   sub.trial_end, None if sub.current is None else sub.current.start,
                   None if sub.current is None else sub.current.end, sub.ended_at)
          for sub in book.subscriptions.values()})
+
+
+@dataclass
+class _RunView:
+    """What an invoice run can change in the view rows of a batch's customers and subscriptions,
+    as plain tuples: exactly the columns `PartsRepository.update_views` writes. A run creates no
+    customer or subscription and changes no customer's name, currency, tax, timezone, locale or
+    tags (only commands do, and they write whole rows: `_View`), so a customer is its currency,
+    MRR and credit balance; a subscription everything of its row but its id and owner."""
+
+    rounding: RoundingMode
+    customers: dict[str, tuple[str, Decimal, Decimal]]
+    subscriptions: dict[str, tuple[Any, ...]]
+
+
+def _run_view_of(book: Book) -> _RunView:
+    """The customers and subscriptions of a run's batch as the book holds them now."""
+    return _RunView(
+        book.settings.rounding,
+        {acct.id: (acct.currency, acct.mrr, acct.credit) for acct in book.accounts.values()},
+        {sub.id: (sub.items.plan, sub.items.quantity, tuple(sub.items.addons.items()) if sub.items.addons else (),
+                  sub.status, sub.cancel_at_period_end,
+                  tuple(tuple(_plain(s).items()) for s in sub.scheduled) if sub.scheduled else (),
+                  sub.trial_end, None if (current := sub.current) is None else current.start,
+                  None if current is None else current.end, sub.ended_at)
+         for sub in book.subscriptions.values()})
+
+
+def _run_changes(before: _RunView, after: _RunView) -> tuple[list[CustomerBalances], list[SubscriptionState]]:
+    """The view rows of a run's batch that differ between two views, in the book's order, as
+    `PartsRepository.update_views` takes them: a customer whose rounded MRR or credit balance
+    moved, a subscription whose state moved (its add-ons and scheduled changes compared as the
+    mappings stored, so only an order that differs is no change)."""
+    mode = after.rounding
+    customers: list[CustomerBalances] = []
+    for key, now in after.customers.items():
+        was = before.customers.get(key)
+        if was != now:
+            currency, mrr, credit = now
+            row = (key, currency, round_money(mrr, currency, mode), round_money(credit, currency, mode))
+            if was is None or was[0] != currency or round_money(was[1], currency, before.rounding) != row[2] \
+                    or round_money(was[2], currency, before.rounding) != row[3]:
+                customers.append(row)
+    subscriptions: list[SubscriptionState] = []
+    for key, state in after.subscriptions.items():
+        old = before.subscriptions.get(key)
+        if old != state and (old is None or not _same_state(old, state)):
+            subscriptions.append((key, *state))
+    return customers, subscriptions
+
+
+def _same_state(was: tuple[Any, ...], now: tuple[Any, ...]) -> bool:
+    """Two unequal subscription states of `_run_view_of` that store the same row: their add-ons
+    or scheduled changes hold the same items in another order (periods, the usual difference,
+    are compared first)."""
+    return (was[6:] == now[6:] and was[:2] == now[:2] and was[3:5] == now[3:5] and dict(was[2]) == dict(now[2])
+            and [dict(s) for s in was[5]] == [dict(s) for s in now[5]])
 
 
 def _customer_view(key: tuple[Any, ...], mode: RoundingMode) -> CustomerView:

@@ -20,7 +20,7 @@ from billing.persistence.engine import (
     sqlite_file,
     upgrade,
 )
-from billing.persistence.parts import PartWrite, StoredPart, StoredRun
+from billing.persistence.parts import CustomerBalances, PartWrite, StoredPart, StoredRun, SubscriptionState
 from billing.persistence.repository import (
     ConcurrentModification,
     CustomerView,
@@ -35,6 +35,7 @@ __all__ = [
     "DEFAULT_URL",
     "ENV_VAR",
     "ConcurrentModification",
+    "CustomerBalances",
     "CustomerView",
     "DatabaseError",
     "Engine",
@@ -44,6 +45,7 @@ __all__ = [
     "StoredCommand",
     "StoredPart",
     "StoredRun",
+    "SubscriptionState",
     "SubscriptionView",
     "UnitOfWork",
     "create_engine",

@@ -7,13 +7,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import Integer, String, bindparam, func, insert, literal, or_, select, update
 from sqlalchemy.orm import Session
 
-from billing.money import to_minor
-from billing.persistence.repository import Bulk, CustomerView, SubscriptionView
+from billing.persistence.repository import Bulk
 from billing.persistence.run_tables import (
     CustomerBookRow,
     InvoiceRunCustomerRow,
@@ -33,6 +33,14 @@ SUBSCRIPTION_VIEW_COLUMNS = (
     ("updated_at", "timestamptz"))
 BILLED_PERIOD_COLUMNS = (("subscription", "text"), ("kind", "text"), ("period_start", "timestamptz"),
                          ("period_end", "timestamptz"), ("invoice_number", "text"))
+
+
+CustomerBalances = tuple[str, str, Decimal, Decimal]
+"""A customer's view row as a run changes it: id, currency, MRR and credit balance (rounded)."""
+SubscriptionState = tuple[Any, ...]
+"""A subscription's view row as a run changes it: id, plan, quantity, add-ons (code, quantity)
+pairs, status, cancel at period end, scheduled changes (each its (field, value) pairs, JSON
+values), trial end, current period start and end, ended at."""
 
 
 @dataclass(frozen=True)
@@ -183,21 +191,24 @@ class PartsRepository:
 
     # the current view, set-based (an invoice run changes periods, credit and MRR of many rows)
 
-    def update_views(self, customers: Sequence[CustomerView], subscriptions: Sequence[SubscriptionView], *,
+    def update_views(self, customers: Sequence[CustomerBalances], subscriptions: Sequence[SubscriptionState], *,
                      now: datetime) -> None:
         """Update existing customer and subscription view rows in one statement each (`Bulk`),
-        bumping their versions (the rows exist: a run creates no customer or subscription)."""
+        bumping their versions (the rows exist: a run creates no customer or subscription). The
+        JSON columns are stored as `json.dumps` of the mapping and of the list of mappings."""
         bulk = Bulk(self.session)
         stamp = bulk.instant(now)
         bulk.update("customers", (("id", "text"),), (("mrr", "bigint"), ("credit_balance", "bigint"),
                                                       ("updated_at", "timestamptz")),
-                    [(c.id, to_minor(c.mrr, c.currency), to_minor(c.credit_balance, c.currency), stamp)
-                     for c in customers], extra="version = customers.version + 1")
+                    [(id_, bulk.minor(currency)(mrr), bulk.minor(currency)(credit), stamp)
+                     for id_, currency, mrr, credit in customers], extra="version = customers.version + 1")
+        instant, flag, dumps = bulk.instant, bulk.flag, bulk.json
         bulk.update("subscriptions", (("id", "text"),), SUBSCRIPTION_VIEW_COLUMNS, [
-            (v.id, v.plan, v.quantity, bulk.json(dict(v.addons)), v.status, bulk.flag(v.cancel_at_period_end),
-             bulk.json(list(v.scheduled)), bulk.instant(v.trial_end), bulk.instant(v.current_period_start),
-             bulk.instant(v.current_period_end), bulk.instant(v.ended_at), stamp) for v in subscriptions],
-            extra="version = subscriptions.version + 1")
+            (id_, plan, quantity, dumps(dict(addons)) if addons else "{}", status, flag(cancel),
+             dumps([dict(s) for s in scheduled]) if scheduled else "[]", instant(trial_end), instant(start),
+             instant(end), instant(ended_at), stamp)
+            for id_, plan, quantity, addons, status, cancel, scheduled, trial_end, start, end, ended_at
+            in subscriptions], extra="version = subscriptions.version + 1")
 
     # never twice
 
@@ -207,13 +218,15 @@ class PartsRepository:
         rows: dict[tuple[str, str, datetime, datetime], str] = {}
         for invoice in invoices:
             for line in invoice.lines:
-                if line.kind in ("plan", "usage") and line.subscription is not None \
+                kind = line.kind
+                if (kind == "plan" or kind == "usage") and line.subscription is not None \
                         and line.period_start is not None and line.period_end is not None:
-                    kind = "usage" if line.kind == "usage" else "licensed"
-                    rows.setdefault((line.subscription, kind, line.period_start, line.period_end), invoice.number)
+                    rows.setdefault((line.subscription, "usage" if kind == "usage" else "licensed", line.period_start,
+                                     line.period_end), invoice.number)
         bulk = Bulk(self.session)
+        instant = bulk.instant
         bulk.insert("billed_periods", BILLED_PERIOD_COLUMNS, [
-            (s, k, bulk.instant(a), bulk.instant(b), n) for (s, k, a, b), n in rows.items()])
+            (s, k, instant(a), instant(b), n) for (s, k, a, b), n in rows.items()])
 
 
 def _bind(name: str) -> Any:

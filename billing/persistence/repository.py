@@ -106,7 +106,10 @@ class Bulk:
     def __init__(self, session: Session) -> None:
         self.connection: Connection = session.connection()
         self.postgres = self.connection.dialect.name == "postgresql"
-        self._instants: dict[datetime, Any] = {}
+        # the instants already converted, shared by the session's writers (a batch's invoices,
+        # billed periods and views name the same few period bounds)
+        self._instants: dict[datetime, Any] = session.info.setdefault(_INSTANTS, {})
+        self._minors: dict[str, Callable[[Decimal], int]] = {}
         self._deferred = deferred_writes(session)
 
     def instant(self, value: datetime | None) -> Any:
@@ -123,6 +126,26 @@ class Bulk:
                 f"{utc.year:04d}-{utc.month:02d}-{utc.day:02d} "
                 f"{utc.hour:02d}:{utc.minute:02d}:{utc.second:02d}.{utc.microsecond:06d}")
             self._instants[value] = found
+        return found
+
+    def minor(self, currency: str) -> Callable[[Decimal], int]:
+        """`to_minor` in `currency`, remembered per amount (a batch's invoices repeat the same
+        prices and totals): only an exact, finite Decimal is looked up, anything else goes to
+        `to_minor` and fails there; equal amounts have the same minor units, whatever their
+        exponent."""
+        found = self._minors.get(currency)
+        if found is None:
+            known: dict[Decimal, int] = {}
+
+            def found(amount: Decimal) -> int:
+                if type(amount) is Decimal and amount.is_finite():
+                    units = known.get(amount)
+                    if units is None:
+                        units = known[amount] = to_minor(amount, currency)
+                    return units
+                return to_minor(amount, currency)
+
+            self._minors[currency] = found
         return found
 
     def day(self, value: date | None) -> Any:
@@ -212,6 +235,7 @@ class Bulk:
 
 
 _DEFERRED = "billing.deferred_writes"
+_INSTANTS = "billing.bulk_instants"
 
 
 def deferred_writes(session: Session) -> list[Callable[[], object]] | None:
@@ -443,23 +467,28 @@ class LedgerRepository:
         # sent (which may be later: `defer_writes`); SQLite reads it first (its writers queue)
         seq = 0 if bulk.postgres else self.session.scalar(select(func.max(InvoiceRow.seq))) or 0
         instant, decimal = bulk.instant, bulk.decimal
+        days: dict[str, Any] = {}
         heads: list[tuple[Any, ...]] = []
         rows: list[tuple[Any, ...]] = []
         for invoice in invoices:
             seq += 1
             cur = invoice.currency
+            minor = bulk.minor(cur)
             number = invoice.number
+            day = days.get(invoice.billing_date)
+            if day is None:
+                day = days[invoice.billing_date] = bulk.day(date.fromisoformat(invoice.billing_date))
             heads.append((
-                number, seq, invoice.customer, cur, invoice.status, instant(invoice.issued_at),
-                bulk.day(date.fromisoformat(invoice.billing_date)), to_minor(invoice.subtotal, cur),
-                to_minor(invoice.discount, cur), to_minor(invoice.tax, cur), to_minor(invoice.total, cur),
-                to_minor(invoice.credit_applied, cur), to_minor(invoice.amount_due, cur),
-                to_minor(invoice.credit_added, cur), command_id))
-            rows.extend((
-                number, index, line.kind, line.description, line.subscription, decimal(line.quantity),
-                decimal(line.unit_amount), to_minor(line.amount, cur), decimal(line.included),
-                instant(line.period_start), instant(line.period_end),
-            ) for index, line in enumerate(invoice.lines))
+                number, seq, invoice.customer, cur, invoice.status, instant(invoice.issued_at), day,
+                minor(invoice.subtotal), minor(invoice.discount), minor(invoice.tax), minor(invoice.total),
+                minor(invoice.credit_applied), minor(invoice.amount_due), minor(invoice.credit_added), command_id))
+            for index, line in enumerate(invoice.lines):
+                quantity, unit, included = line.quantity, line.unit_amount, line.included
+                rows.append((
+                    number, index, line.kind, line.description, line.subscription,
+                    None if quantity is None else decimal(quantity), None if unit is None else decimal(unit),
+                    minor(line.amount), None if included is None else decimal(included),
+                    instant(line.period_start), instant(line.period_end)))
         bulk.insert("invoices", INVOICE_COLUMNS, heads,
                     offset=("seq", "SELECT coalesce(max(seq), 0) FROM invoices") if bulk.postgres else None)
         bulk.insert("invoice_lines", INVOICE_LINE_COLUMNS, rows)
@@ -531,21 +560,22 @@ class LedgerRepository:
         for position, movement in enumerate(movements):
             cur = movement.currency
             rep = movement.reporting_currency
+            minor, reporting_minor = bulk.minor(cur), bulk.minor(rep)
             row = {
                 "customer": movement.customer, "type": movement.type, "subtype": movement.subtype,
-                "currency": cur, "delta": to_minor(movement.delta, cur),
-                "reporting_delta": to_minor(movement.reporting_delta, rep), "entry": movement.entry,
+                "currency": cur, "delta": minor(movement.delta),
+                "reporting_delta": reporting_minor(movement.reporting_delta), "entry": movement.entry,
                 "month": month_index(movement.at),
             }
             rows.append(row)
             heads.append((
                 movement.id, bulk.instant(movement.at), movement.customer, movement.subscription, movement.type,
-                movement.subtype, cur, to_minor(movement.mrr_before, cur), to_minor(movement.mrr_after, cur),
+                movement.subtype, cur, minor(movement.mrr_before), minor(movement.mrr_after),
                 row["delta"], rep, row["reporting_delta"], movement.cause, movement.event_index, command_id,
                 f"{base}#{position}", movement.entry, movement.reverses, row["month"]))
             legs.extend((
-                movement.id, index, leg.subscription, leg.plan, leg.product, to_minor(leg.delta, cur),
-                to_minor(leg.reporting_delta, rep),
+                movement.id, index, leg.subscription, leg.plan, leg.product, minor(leg.delta),
+                reporting_minor(leg.reporting_delta),
             ) for index, leg in enumerate(movement.legs))
         bulk.insert("mrr_movements", MOVEMENT_COLUMNS, heads)
         bulk.insert("mrr_movement_legs", LEG_COLUMNS, legs)

@@ -110,3 +110,48 @@ def test_the_difference_arrays_add_up_to_the_contributions(changes: list[tuple[i
     for month in range(rows[-1].month, JAN + 45):
         for measure, value in contribution(grown, "EUR", month, EUR).items():
             assert accumulated(full, measure, month) + accumulated(moved, measure, month) == value
+
+
+def _history(moves: list[tuple[int, int, int]], level: int) -> list[MonthRow]:
+    rows: list[MonthRow] = []
+    for offset, delta, expansions in moves:
+        delta = max(delta, -level)
+        rows.append(MonthRow(JAN + offset, level, level + delta, expansions, max(-delta, 0)))
+        level += delta
+    return rows
+
+
+# the write path's conversion (an amount without a rate counts 0), rates changing mid-month, at a
+# quarter's start and a year later
+_LOOSE = Conversion(Settings.model_validate({"fx_rates": [
+    {"currency": "EUR", "rate": "1.10", "from": "2026-01-01"},
+    {"currency": "EUR", "rate": "1.20", "from": "2026-03-15"},
+    {"currency": "EUR", "rate": "1.05", "from": "2026-10-01"},
+    {"currency": "EUR", "rate": "1.15", "from": "2027-02-10"},
+]}), strict=False)
+_MOVES = st.lists(st.tuples(st.integers(-14, 40), st.integers(-5000, 9000), st.integers(0, 2)), max_size=8,
+                  unique_by=lambda move: move[0]).map(sorted)
+
+
+@settings(max_examples=examples(300))
+@given(_MOVES, _MOVES, st.integers(-14, 40), st.sampled_from(["USD", "EUR"]), st.sampled_from([0, 0, 4000]),
+       st.none() | st.tuples(st.integers(-30, 0), st.integers(0, 9000)))
+def test_a_change_is_the_new_entries_less_the_old_in_their_order(
+        old_moves: list[tuple[int, int, int]], new_moves: list[tuple[int, int, int]], since: int, currency: str,
+        before: int, first: tuple[int, int] | None) -> None:
+    """`change` walks both histories at once and skips the quarters and years that read as the
+    one before (every row before them, same rates): it must give exactly `differences(new) −
+    differences(old)` without zeros, in that order (new entries, then those only the old has),
+    for histories that share their rows before `since`, start from nothing or from a level, and
+    measure the same cohort or not."""
+    old = _history(old_moves, before)
+    kept = [row for row in old if row.month < JAN + since]
+    level = kept[-1].mrr_end if kept else before
+    new = [*kept, *_history([m for m in new_moves if m[0] >= since], level)]
+    first_row = None if first is None else MonthRow(JAN + first[0], 0, first[1])
+    conversion = _LOOSE
+    expected = differences(new, currency, JAN + since, conversion, before, first_row)
+    for key, value in differences(old, currency, JAN + since, conversion, before, first_row).items():
+        expected[key] = expected.get(key, 0) - value
+    got = change(old, new, currency, JAN + since, conversion, before, first_row)
+    assert list(got.items()) == [(key, value) for key, value in expected.items() if value]
