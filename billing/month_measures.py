@@ -309,6 +309,27 @@ def change(old: Sequence[MonthRow], new: Sequence[MonthRow], currency: str, sinc
     return net
 
 
+class _Walker:
+    """One history's side of `_walk`: where it steps, how it is evaluated, and where it stands."""
+
+    def __init__(self, points: set[int], values: Callable[..., tuple[int, ...]],
+                 same: Callable[[int, int, int], bool] | None, width: int) -> None:
+        self.points, self.values, self.same = points, values, same
+        self.current: tuple[int, ...] = (0,) * width
+        self.last = -1  # the last point it was evaluated at
+
+    def step_to(self, point: int, k: int) -> tuple[int, ...]:
+        """Its measures at `point`: evaluated at its own breakpoints (for periods, unless `same`
+        says the period reads as the last one evaluated), else as they stood."""
+        if point in self.points:
+            if not k:
+                self.current = self.values(point)
+            elif self.same is None or self.last < 0 or not self.same(self.last, point, k):
+                self.current = self.values(point, k)
+                self.last = point
+        return self.current
+
+
 def _walk(net: dict[tuple[str, int], int], only_old: dict[tuple[str, int], int], names: tuple[str, ...],
           new_points: set[int], old_points: set[int], new_values: Callable[..., tuple[int, ...]],
           old_values: Callable[..., tuple[int, ...]], k: int = 0,
@@ -318,23 +339,11 @@ def _walk(net: dict[tuple[str, int], int], only_old: dict[tuple[str, int], int],
     breakpoint of either history the step of each (0 at a point that is not its own, or, for
     periods, at one that `same` says reads as its previous one), the new step less the old one
     put in `net` where the new history steps and in `only_old` where only the old one does."""
-    width = len(names)
-    new_previous = old_previous = (0,) * width
-    new_last = old_last = -1  # the last point each history was evaluated at
+    new = _Walker(new_points, new_values, new_same, len(names))
+    old = _Walker(old_points, old_values, old_same, len(names))
     for point in sorted(new_points | old_points):
-        new_current, old_current = new_previous, old_previous
-        if point in new_points:
-            if not k:
-                new_current = new_values(point)
-            elif new_same is None or new_last < 0 or not new_same(new_last, point, k):
-                new_current = new_values(point, k)
-                new_last = point
-        if point in old_points:
-            if not k:
-                old_current = old_values(point)
-            elif old_same is None or old_last < 0 or not old_same(old_last, point, k):
-                old_current = old_values(point, k)
-                old_last = point
+        new_previous, old_previous = new.current, old.current
+        new_current, old_current = new.step_to(point, k), old.step_to(point, k)
         if new_current != new_previous or old_current != old_previous:
             month = point * k if k else point
             for name, now, then, old_now, old_then in zip(names, new_current, new_previous, old_current, old_previous,
@@ -346,4 +355,3 @@ def _walk(net: dict[tuple[str, int], int], only_old: dict[tuple[str, int], int],
                         net[(name, month)] = step - old_step
                 elif old_step:
                     only_old[(name, month)] = -old_step
-        new_previous, old_previous = new_current, old_current
