@@ -167,6 +167,23 @@ def test_a_dropped_connection_rolls_the_batch_back_and_it_is_retried(
     assert _invoices(db.url) == reference
 
 
+def test_a_pipelined_worker_hands_the_gil_over_sooner_while_it_runs_and_restores_it(db: Db) -> None:
+    build(db.url, SUBSCRIPTIONS)
+    seen: list[float] = []
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(0.004)
+    try:
+        summary = run(db.engine, RUN, actor="t", batch=BATCH, skip_locked=db.backend == "postgresql",
+                      fault=lambda _: seen.append(sys.getswitchinterval()))
+        after = sys.getswitchinterval()
+    finally:
+        sys.setswitchinterval(before)
+    assert summary.state == "done" and len(seen) == summary.batches > 1
+    # PostgreSQL workers write a batch on a thread while drafting the next; SQLite runs one thread
+    assert set(seen) == ({runs.SWITCH_INTERVAL} if db.backend == "postgresql" else {0.004})
+    assert after == 0.004
+
+
 def test_a_number_taken_while_a_batch_is_drafted_renumbers_it(db: Db, reference: list[tuple[Any, ...]],
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """A pipelined worker numbers the batch it drafts past the one being written; when another
