@@ -77,8 +77,10 @@ def decode_invoices(data: bytes) -> tuple[Invoice, ...]:
 def _unset(record: Record, every: frozenset[str]) -> int:
     """The bit mask of the record's fields left unset (as `Record.__reduce__` keeps it); `every`
     is the set of all its fields."""
-    unset = every - record.__pydantic_fields_set__
-    return _mask(type(record), unset) if unset else 0
+    fields_set = record.__pydantic_fields_set__
+    if len(fields_set) == len(every):  # every field set (a record sets only its own fields)
+        return 0
+    return _mask(type(record), every - fields_set)
 
 
 @cache
@@ -92,27 +94,37 @@ def _amount(value: Any) -> str:
     return str(value)
 
 
-def _optional_amount(value: Any) -> str | None:
-    return None if value is None else _amount(value)
-
-
 def _instant(value: Any) -> int:
     if type(value) is not datetime or value.tzinfo is not UTC or value.fold:
         raise _Inexact
     return (value - _EPOCH) // _MICROSECOND
 
 
-def _optional_instant(value: Any) -> int | None:
-    return None if value is None else _instant(value)
+# The rows are built inline, without a call per value (a line has nine, most of them optional):
+# each value goes through the same check and conversion as `_amount` or `_instant`.
 
 
 def _line_row(line: InvoiceLine) -> tuple[Any, ...]:
     if type(line) is not InvoiceLine:
         raise _Inexact
     v = line.__dict__
-    return (v["kind"], v["description"], v["subscription"], _optional_amount(v["quantity"]),
-            _optional_amount(v["unit_amount"]), _amount(v["amount"]), _optional_instant(v["period_start"]),
-            _optional_instant(v["period_end"]), _optional_amount(v["included"]), _unset(line, _LINE_SET))
+    quantity, unit_amount, amount, included = v["quantity"], v["unit_amount"], v["amount"], v["included"]
+    start, end = v["period_start"], v["period_end"]
+    if (type(amount) is not Decimal or (quantity is not None and type(quantity) is not Decimal)
+            or (unit_amount is not None and type(unit_amount) is not Decimal)
+            or (included is not None and type(included) is not Decimal)):
+        raise _Inexact
+    if start is not None:
+        if type(start) is not datetime or start.tzinfo is not UTC or start.fold:
+            raise _Inexact
+        start = (start - _EPOCH) // _MICROSECOND
+    if end is not None:
+        if type(end) is not datetime or end.tzinfo is not UTC or end.fold:
+            raise _Inexact
+        end = (end - _EPOCH) // _MICROSECOND
+    return (v["kind"], v["description"], v["subscription"], None if quantity is None else str(quantity),
+            None if unit_amount is None else str(unit_amount), str(amount), start, end,
+            None if included is None else str(included), _unset(line, _LINE_SET))
 
 
 def _invoice_row(invoice: Invoice) -> tuple[Any, ...]:

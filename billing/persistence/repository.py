@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -283,9 +283,21 @@ def _array_literal(values: Sequence[Any], kind: str) -> str:
     (numbers, booleans, ISO dates and instants: no spaces, commas, quotes or braces) bare, so
     `str(None)` is the only way to spell `None` there and becomes NULL."""
     if kind in ("text", "json"):
-        return "{" + ",".join(["NULL" if v is None else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-                               for v in values]) + "}"
+        return _text_array(values)
     return "{" + ",".join(map(str, values)).replace("None", "NULL") + "}"
+
+
+def _text_array(values: Sequence[str | None]) -> str:
+    """The strings joined by NUL and escaped all at once (no value holds a NUL: PostgreSQL text
+    cannot), when exactly the len - 1 separators are there; otherwise (a None, which becomes NULL,
+    or a NUL, which the driver refuses as before) each value escaped alone."""
+    joined: str | None = None
+    with suppress(TypeError):  # a None among them
+        joined = "\0".join(values)  # type: ignore[arg-type]
+    if values and joined is not None and joined.count("\0") == len(values) - 1:
+        return '{"' + joined.replace("\\", "\\\\").replace('"', '\\"').replace("\0", '","') + '"}'
+    return "{" + ",".join(["NULL" if v is None else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+                           for v in values]) + "}"
 
 
 # --- engine state -----------------------------------------------------------------------------

@@ -119,6 +119,21 @@ def test_an_invoice_the_plain_form_would_change_is_archived_as_records(odd: str)
         same_record(expected, after)
 
 
+@pytest.mark.parametrize("field", ["quantity", "unit_amount", "amount", "included", "period_start", "period_end"])
+@pytest.mark.parametrize("odd", ["zoneinfo", "fold", "int", "float"])
+def test_any_line_value_the_plain_form_would_change_archives_the_entry_as_records(field: str, odd: str) -> None:
+    """Each line value is checked where its row is built (inline, one check per field)."""
+    instant = field.startswith("period")
+    if instant and odd in ("int", "float") or not instant and odd in ("zoneinfo", "fold"):
+        pytest.skip("not a value of this field")
+    value: object = {"zoneinfo": datetime(2026, 1, 1, tzinfo=ZoneInfo("America/New_York")),
+                     "fold": datetime(2026, 2, 1, fold=1, tzinfo=UTC), "int": 3, "float": 2.5}[odd]
+    before = invoice(line().model_copy(update={field: value}))  # model_copy does not validate
+    data = encode_invoices([invoice(number="INV-0000"), before])
+    assert form_of(data) == "records"
+    same_record(before, decode_invoices(data)[1])
+
+
 def test_an_entry_pickled_as_records_still_decodes() -> None:
     """The form entries had before billing.archive: a pickle of the tuple of invoices."""
     invoices = replay_in_memory(parse_scenario_text(FIXTURES[0].read_text())).invoices
