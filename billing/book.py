@@ -1187,9 +1187,10 @@ class Book:
                 first.lines.append((pending.line, pending.tags))
                 first.coverage[id(pending.line)] = pending.coverage_start
             acct.pending = []
-        for draft in drafts:
-            prorations_only = all(line.kind == "proration" for line, _ in draft.lines)
-            self._apply_coupons(draft, proration_only=prorations_only)
+        if acct.coupons:  # without coupons there is no discount line (a draft's list stays empty)
+            for draft in drafts:
+                prorations_only = all(line.kind == "proration" for line, _ in draft.lines)
+                self._apply_coupons(draft, proration_only=prorations_only)
         return drafts
 
     def _licensed_lines(self, sub: Subscription, acct: Account, lp: LicensedPeriod) -> list[InvoiceLine]:
