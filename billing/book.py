@@ -1195,14 +1195,15 @@ class Book:
 
     def _licensed_lines(self, sub: Subscription, acct: Account, lp: LicensedPeriod) -> list[InvoiceLine]:
         period = lp.period
-        share = Fraction(1)
+        share: Fraction | None = None  # the whole period
+        share_key: tuple[int, int] | None = None  # a Fraction hashes slowly
         if period.partial:
             share = (second_fraction(period.start, period) if self._policy == "second"
                      else day_fraction(period.start, period, acct.tz))
+            share_key = (share.numerator, share.denominator)
         memo = self._cat.line_terms
         mode = self.settings.rounding
         lines = []
-        share_key = (share.numerator, share.denominator) if period.partial else None  # a Fraction hashes slowly
         for kind, code, qty in lp.items.priced():
             key = (kind, code, acct.currency, qty, share_key, mode)
             terms = memo.get(key)
@@ -1221,11 +1222,12 @@ class Book:
             ))
         return lines
 
-    def _licensed_terms(self, kind: str, code: str, currency: str, qty: int, share: Fraction) -> LineTerms:
-        """A licensed line's terms for `share` of a period: a pure function of these, the rounding
-        mode and the catalog (memoized in `_cat.line_terms`)."""
+    def _licensed_terms(self, kind: str, code: str, currency: str, qty: int, share: Fraction | None) -> LineTerms:
+        """A licensed line's terms for `share` of a period (None: the whole period): a pure function
+        of these, the rounding mode and the catalog (memoized in `_cat.line_terms`)."""
         item = self._item(kind, code)
-        amount = round_money(self._cat.price(kind, code, currency, qty) * share, currency, self.settings.rounding)
+        price = self._cat.price(kind, code, currency, qty)
+        amount = round_money(price if share is None else price * share, currency, self.settings.rounding)
         return describe(item, qty), Decimal(shown_quantity(item, qty)), item.unit_price(currency), amount
 
     def _usage_lines(self, sub: Subscription, acct: Account, up: UsagePeriod) -> list[InvoiceLine]:
