@@ -999,13 +999,17 @@ class Book:
         per month); a change is one movement, linked to the period's usage lines."""
         if not sub.usage_mrr and not any(line.amount for line in lines):
             return  # nothing charged now or before: the usage part of MRR stays 0, nothing moves
-        amount = sum((Fraction(line.amount) for line in lines), Fraction(0))
-        for coupon in self._coupons_of(sub):
-            window = coupon.windows.get(sub.id)
-            if coupon.percent is not None and window is not None and covers(window, period.start):
-                amount *= 1 - coupon.percent
+        # one line (one metric) is the common case: its amount is the sum
+        amount = Fraction(lines[0].amount) if len(lines) == 1 else sum(
+            (Fraction(line.amount) for line in lines), Fraction(0))
+        if acct.coupons:
+            for coupon in self._coupons_of(sub):
+                window = coupon.windows.get(sub.id)
+                if coupon.percent is not None and window is not None and covers(window, period.start):
+                    amount *= 1 - coupon.percent
         plan = self._cat.plan(period.plan)
-        usage_mrr = amount * monthly_factor(plan.interval, plan.interval_count)
+        factor = monthly_factor(plan.interval, plan.interval_count)
+        usage_mrr = amount if factor == 1 else amount * factor
         if usage_mrr == sub.usage_mrr:
             return  # the usage part is what it was: the customer's MRR did not move
         sub.usage_mrr = usage_mrr
