@@ -41,8 +41,13 @@ class InvoiceTotals:
 def totals(lines: Sequence[InvoiceLine], tax_rate: Decimal, credit_balance: Decimal, currency: str,
            mode: RoundingMode) -> InvoiceTotals:
     """Amounts of an invoice from its (already rounded) lines and the customer's credit."""
-    subtotal = sum((line.amount for line in lines if line.kind != "discount"), Decimal(0))
-    discount = -sum((line.amount for line in lines if line.kind == "discount"), Decimal(0))
+    subtotal, discounted = Decimal(0), Decimal(0)
+    for line in lines:  # one pass; each sum adds its lines in order, as sum() would
+        if line.kind == "discount":
+            discounted += line.amount
+        else:
+            subtotal += line.amount
+    discount = -discounted
     places = minor_units(currency)  # round_money's rounding, the currency looked up once
     tax = round_to_places(exact_product(subtotal - discount, tax_rate), places, mode)
     total = subtotal - discount + tax
