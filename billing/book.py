@@ -1181,7 +1181,8 @@ class Book:
                         usage_lines.append((line, [("use", sub.id, _k(billed.end))]))
                         coverage[id(line)] = billed.start
             for lines in (plan_lines, addon_lines, usage_lines):
-                lines.sort(key=lambda pair: self.subscriptions[pair[0].subscription or ""].order)
+                if len(lines) > 1:  # (one line is in order)
+                    lines.sort(key=lambda pair: self.subscriptions[pair[0].subscription or ""].order)
             drafts.append(_Draft(acct, key, plan_lines + addon_lines + usage_lines, coverage))
         if acct.pending:
             if not drafts:
