@@ -242,10 +242,11 @@ class Book:
 
     @property
     def _cat(self) -> CatalogIndex:
-        """The catalog's lookups and memoized prices (never pickled; rebuilt for a new catalog)."""
+        """The catalog's lookups and memoized prices (never pickled; rebuilt for a new catalog, its
+        exact prices shared with an identical one's: CatalogIndex.of)."""
         index: CatalogIndex | None = self.__dict__.get("_catalog_index")
         if index is None or index.catalog is not self.catalog:
-            index = self.__dict__["_catalog_index"] = CatalogIndex(self.catalog)
+            index = self.__dict__["_catalog_index"] = CatalogIndex.of(self.catalog)
         return index
 
     def use_usage_source(self, source: UsageSource) -> None:
