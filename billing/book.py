@@ -1127,7 +1127,7 @@ class Book:
         self._out.movements.append(movement)
         for tag in tags:
             acct.movement_tags.setdefault(tag, []).append(movement.id)
-            for number, line in acct.line_tags.get(tag, []):
+            for number, line in acct.line_tags.get(tag, ()):
                 self._out.links.append((movement.id, LineRef(invoice=number, line=line)))
 
     def fx_rate(self, currency: str, at: datetime) -> Fraction:
@@ -1290,6 +1290,7 @@ class Book:
         mode = self.settings.rounding
         for draft in drafts:
             acct = draft.account
+            line_tags, movement_tags = acct.line_tags, acct.movement_tags
             cur = acct.currency
             pairs = draft.lines + draft.discount_lines
             lines = tuple(line for line, _ in pairs)
@@ -1308,8 +1309,12 @@ class Book:
             for index, (_, tags) in enumerate(pairs):
                 ref: LineRef | None = None
                 for tag in tags:
-                    acct.line_tags.setdefault(tag, []).append((number, index))
-                    for movement_id in acct.movement_tags.get(tag, []):
+                    ats = line_tags.get(tag)
+                    if ats is None:
+                        line_tags[tag] = [(number, index)]
+                    else:
+                        ats.append((number, index))
+                    for movement_id in movement_tags.get(tag, ()):
                         ref = ref or LineRef(invoice=number, line=index)
                         self._out.links.append((movement_id, ref))
 
