@@ -907,7 +907,7 @@ class Book:
         # stage 2 is never relevant; 3 needs an active coupon, 4 a customer coupon
         if first <= 3 and sub.active_coupons and self._stage_relevant(sub, b, 3):
             return (b, 3, sub.order)
-        if first <= 4 and self._stage_relevant(sub, b, 4):
+        if first <= 4 and self.accounts[sub.customer].coupons and self._stage_relevant(sub, b, 4):
             return (b, 4, sub.order)
         return (b, 5, sub.order)
 
