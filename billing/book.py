@@ -27,7 +27,7 @@ from __future__ import annotations
 import heapq
 import pickle
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
 from functools import lru_cache
@@ -229,6 +229,7 @@ class Book:
         state.pop("_usage_source", None)  # usage events live in their source, never in a snapshot
         state.pop("_catalog_index", None)  # derived from the catalog
         state.pop("_rated", None)  # usage lines rated during one command
+        state.pop("_fx", None)  # memoized exchange rates
         return state
 
     @property
@@ -1131,11 +1132,19 @@ class Book:
                 self._out.links.append((movement.id, LineRef(invoice=number, line=line)))
 
     def fx_rate(self, currency: str, at: datetime) -> Fraction:
-        """Value of one unit of `currency` in the reporting currency at `at` (billing.fx)."""
-        try:
-            return rate_at(self.settings, currency, at)
-        except MissingRate as exc:
-            raise BookError(str(exc)) from None
+        """Value of one unit of `currency` in the reporting currency at `at` (billing.fx), memoized
+        per (currency, date) for these settings: `rate_at` reads only the date of `at`."""
+        held: tuple[Settings, dict[tuple[str, date], Fraction]] | None = self.__dict__.get("_fx")
+        if held is None or held[0] is not self.settings:
+            held = self.__dict__["_fx"] = (self.settings, {})
+        key = (currency, at.date())
+        rate = held[1].get(key)
+        if rate is None:
+            try:
+                rate = held[1][key] = rate_at(self.settings, currency, at)
+            except MissingRate as exc:
+                raise BookError(str(exc)) from None
+        return rate
 
     # -- invoicing -----------------------------------------------------------------------------
 

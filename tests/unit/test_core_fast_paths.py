@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from billing.book import Book, BookError, LegKey, LineTerms, _k, _local_day
 from billing.catalog import Catalog, CatalogIndex, price_quantity
+from billing.fx import MissingRate, rate_at
 from billing.invoicing import totals
 from billing.money import exact_product, round_money
 from billing.periods import Grid, _step, instant_of, local_date, monthly_factor
@@ -275,3 +276,29 @@ def test_invoice_totals_sum_as_the_two_filtered_sums(kinds: list[tuple[str, Deci
         assert repr((found.subtotal, found.discount, found.tax)) == repr(
             (round_money(subtotal, "USD", mode), round_money(discount, "USD", mode), tax))
         assert repr(found.total) == repr(round_money(subtotal - discount + tax, "USD", mode))
+
+
+FX_SCENARIOS = [s for s in SCENARIOS if s.settings.fx_rates]
+
+
+@given(st.sampled_from(FX_SCENARIOS),
+       st.lists(st.datetimes(min_value=datetime(2019, 1, 1), max_value=datetime(2031, 12, 31),
+                             timezones=st.sampled_from([UTC, timezone(timedelta(hours=-5))])), max_size=20))
+def test_memoized_fx_rates_are_rate_at(scenario: Scenario, instants: list[datetime]) -> None:
+    book = Book(scenario.settings, scenario.catalog)
+    currencies = sorted({r.currency for r in scenario.settings.fx_rates} | {scenario.settings.reporting_currency})
+    for at in [i for instant in instants for i in (instant, instant.replace(hour=0, minute=0), instant)]:
+        for currency in currencies:  # (the same date again: a memoized rate)
+            try:
+                expected = rate_at(scenario.settings, currency, at)
+            except MissingRate:
+                with pytest.raises(BookError):
+                    book.fx_rate(currency, at)
+                continue
+            assert book.fx_rate(currency, at) == expected
+    book.settings = scenario.settings.model_copy(update={"fx_rates": []})  # other settings: memo not reused
+    for at in instants:
+        assert book.fx_rate(book.settings.reporting_currency, at) == 1
+        with pytest.raises(BookError):
+            book.fx_rate(next(c for c in currencies if c != book.settings.reporting_currency), at)
+    assert "_fx" not in Book.loads(book.dumps()).__dict__
