@@ -1025,7 +1025,8 @@ class Book:
         if sub.status != "active":
             return Fraction(0)
         items = sub.items
-        terms = tuple((c.percent, c.amount) for c in map(self.coupons.__getitem__, sub.active_coupons))
+        terms = (tuple((c.percent, c.amount) for c in map(self.coupons.__getitem__, sub.active_coupons))
+                 if sub.active_coupons else ())
         key = (currency, items.plan, items.quantity, tuple(items.addons.items()), terms)
         cat = self._cat
         recurring = cat.recurring.get(key)
