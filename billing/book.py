@@ -1257,11 +1257,13 @@ class Book:
         return list(lines)
 
     def _rate_usage(self, sub: Subscription, acct: Account, up: UsagePeriod) -> list[InvoiceLine]:
-        memo = self._cat.line_terms
+        cat = self._cat
+        memo = cat.line_terms
         mode = self.settings.rounding
+        usage = self.usage
         lines = []
-        for metric in self._cat.plan_metrics(up.plan):
-            quantity = self.usage.aggregate(sub.id, metric, up.start, up.end, held_until=up.full_end)
+        for metric in cat.plan_metrics(up.plan):
+            quantity = usage.aggregate(sub.id, metric, up.start, up.end, held_until=up.full_end)
             key = ("usage", metric.code, acct.currency, quantity.numerator, quantity.denominator, mode)
             terms = memo.get(key)
             if terms is None:
