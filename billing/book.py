@@ -27,7 +27,7 @@ from __future__ import annotations
 import heapq
 import pickle
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
 from functools import lru_cache
@@ -229,6 +229,7 @@ class Book:
         state.pop("_usage_source", None)  # usage events live in their source, never in a snapshot
         state.pop("_catalog_index", None)  # derived from the catalog
         state.pop("_rated", None)  # usage lines rated during one command
+        state.pop("_fx", None)  # memoized exchange rates
         return state
 
     @property
@@ -242,10 +243,11 @@ class Book:
 
     @property
     def _cat(self) -> CatalogIndex:
-        """The catalog's lookups and memoized prices (never pickled; rebuilt for a new catalog)."""
+        """The catalog's lookups and memoized prices (never pickled; rebuilt for a new catalog, its
+        exact prices shared with an identical one's: CatalogIndex.of)."""
         index: CatalogIndex | None = self.__dict__.get("_catalog_index")
         if index is None or index.catalog is not self.catalog:
-            index = self.__dict__["_catalog_index"] = CatalogIndex(self.catalog)
+            index = self.__dict__["_catalog_index"] = CatalogIndex.of(self.catalog)
         return index
 
     def use_usage_source(self, source: UsageSource) -> None:
@@ -906,7 +908,7 @@ class Book:
         # stage 2 is never relevant; 3 needs an active coupon, 4 a customer coupon
         if first <= 3 and sub.active_coupons and self._stage_relevant(sub, b, 3):
             return (b, 3, sub.order)
-        if first <= 4 and self._stage_relevant(sub, b, 4):
+        if first <= 4 and self.accounts[sub.customer].coupons and self._stage_relevant(sub, b, 4):
             return (b, 4, sub.order)
         return (b, 5, sub.order)
 
@@ -999,13 +1001,17 @@ class Book:
         per month); a change is one movement, linked to the period's usage lines."""
         if not sub.usage_mrr and not any(line.amount for line in lines):
             return  # nothing charged now or before: the usage part of MRR stays 0, nothing moves
-        amount = sum((Fraction(line.amount) for line in lines), Fraction(0))
-        for coupon in self._coupons_of(sub):
-            window = coupon.windows.get(sub.id)
-            if coupon.percent is not None and window is not None and covers(window, period.start):
-                amount *= 1 - coupon.percent
+        # one line (one metric) is the common case: its amount is the sum
+        amount = Fraction(lines[0].amount) if len(lines) == 1 else sum(
+            (Fraction(line.amount) for line in lines), Fraction(0))
+        if acct.coupons:
+            for coupon in self._coupons_of(sub):
+                window = coupon.windows.get(sub.id)
+                if coupon.percent is not None and window is not None and covers(window, period.start):
+                    amount *= 1 - coupon.percent
         plan = self._cat.plan(period.plan)
-        usage_mrr = amount * monthly_factor(plan.interval, plan.interval_count)
+        factor = monthly_factor(plan.interval, plan.interval_count)
+        usage_mrr = amount if factor == 1 else amount * factor
         if usage_mrr == sub.usage_mrr:
             return  # the usage part is what it was: the customer's MRR did not move
         sub.usage_mrr = usage_mrr
@@ -1019,7 +1025,8 @@ class Book:
         if sub.status != "active":
             return Fraction(0)
         items = sub.items
-        terms = tuple((c.percent, c.amount) for c in map(self.coupons.__getitem__, sub.active_coupons))
+        terms = (tuple((c.percent, c.amount) for c in map(self.coupons.__getitem__, sub.active_coupons))
+                 if sub.active_coupons else ())
         key = (currency, items.plan, items.quantity, tuple(items.addons.items()), terms)
         cat = self._cat
         recurring = cat.recurring.get(key)
@@ -1122,15 +1129,23 @@ class Book:
         self._out.movements.append(movement)
         for tag in tags:
             acct.movement_tags.setdefault(tag, []).append(movement.id)
-            for number, line in acct.line_tags.get(tag, []):
+            for number, line in acct.line_tags.get(tag, ()):
                 self._out.links.append((movement.id, LineRef(invoice=number, line=line)))
 
     def fx_rate(self, currency: str, at: datetime) -> Fraction:
-        """Value of one unit of `currency` in the reporting currency at `at` (billing.fx)."""
-        try:
-            return rate_at(self.settings, currency, at)
-        except MissingRate as exc:
-            raise BookError(str(exc)) from None
+        """Value of one unit of `currency` in the reporting currency at `at` (billing.fx), memoized
+        per (currency, date) for these settings: `rate_at` reads only the date of `at`."""
+        held: tuple[Settings, dict[tuple[str, date], Fraction]] | None = self.__dict__.get("_fx")
+        if held is None or held[0] is not self.settings:
+            held = self.__dict__["_fx"] = (self.settings, {})
+        key = (currency, at.date())
+        rate = held[1].get(key)
+        if rate is None:
+            try:
+                rate = held[1][key] = rate_at(self.settings, currency, at)
+            except MissingRate as exc:
+                raise BookError(str(exc)) from None
+        return rate
 
     # -- invoicing -----------------------------------------------------------------------------
 
@@ -1177,7 +1192,8 @@ class Book:
                         usage_lines.append((line, [("use", sub.id, _k(billed.end))]))
                         coverage[id(line)] = billed.start
             for lines in (plan_lines, addon_lines, usage_lines):
-                lines.sort(key=lambda pair: self.subscriptions[pair[0].subscription or ""].order)
+                if len(lines) > 1:  # (one line is in order)
+                    lines.sort(key=lambda pair: self.subscriptions[pair[0].subscription or ""].order)
             drafts.append(_Draft(acct, key, plan_lines + addon_lines + usage_lines, coverage))
         if acct.pending:
             if not drafts:
@@ -1187,21 +1203,23 @@ class Book:
                 first.lines.append((pending.line, pending.tags))
                 first.coverage[id(pending.line)] = pending.coverage_start
             acct.pending = []
-        for draft in drafts:
-            prorations_only = all(line.kind == "proration" for line, _ in draft.lines)
-            self._apply_coupons(draft, proration_only=prorations_only)
+        if acct.coupons:  # without coupons there is no discount line (a draft's list stays empty)
+            for draft in drafts:
+                prorations_only = all(line.kind == "proration" for line, _ in draft.lines)
+                self._apply_coupons(draft, proration_only=prorations_only)
         return drafts
 
     def _licensed_lines(self, sub: Subscription, acct: Account, lp: LicensedPeriod) -> list[InvoiceLine]:
         period = lp.period
-        share = Fraction(1)
+        share: Fraction | None = None  # the whole period
+        share_key: tuple[int, int] | None = None  # a Fraction hashes slowly
         if period.partial:
             share = (second_fraction(period.start, period) if self._policy == "second"
                      else day_fraction(period.start, period, acct.tz))
+            share_key = (share.numerator, share.denominator)
         memo = self._cat.line_terms
         mode = self.settings.rounding
         lines = []
-        share_key = (share.numerator, share.denominator) if period.partial else None  # a Fraction hashes slowly
         for kind, code, qty in lp.items.priced():
             key = (kind, code, acct.currency, qty, share_key, mode)
             terms = memo.get(key)
@@ -1220,11 +1238,12 @@ class Book:
             ))
         return lines
 
-    def _licensed_terms(self, kind: str, code: str, currency: str, qty: int, share: Fraction) -> LineTerms:
-        """A licensed line's terms for `share` of a period: a pure function of these, the rounding
-        mode and the catalog (memoized in `_cat.line_terms`)."""
+    def _licensed_terms(self, kind: str, code: str, currency: str, qty: int, share: Fraction | None) -> LineTerms:
+        """A licensed line's terms for `share` of a period (None: the whole period): a pure function
+        of these, the rounding mode and the catalog (memoized in `_cat.line_terms`)."""
         item = self._item(kind, code)
-        amount = round_money(self._cat.price(kind, code, currency, qty) * share, currency, self.settings.rounding)
+        price = self._cat.price(kind, code, currency, qty)
+        amount = round_money(price if share is None else price * share, currency, self.settings.rounding)
         return describe(item, qty), Decimal(shown_quantity(item, qty)), item.unit_price(currency), amount
 
     def _usage_lines(self, sub: Subscription, acct: Account, up: UsagePeriod) -> list[InvoiceLine]:
@@ -1238,11 +1257,13 @@ class Book:
         return list(lines)
 
     def _rate_usage(self, sub: Subscription, acct: Account, up: UsagePeriod) -> list[InvoiceLine]:
-        memo = self._cat.line_terms
+        cat = self._cat
+        memo = cat.line_terms
         mode = self.settings.rounding
+        usage = self.usage
         lines = []
-        for metric in self._cat.plan_metrics(up.plan):
-            quantity = self.usage.aggregate(sub.id, metric, up.start, up.end, held_until=up.full_end)
+        for metric in cat.plan_metrics(up.plan):
+            quantity = usage.aggregate(sub.id, metric, up.start, up.end, held_until=up.full_end)
             key = ("usage", metric.code, acct.currency, quantity.numerator, quantity.denominator, mode)
             terms = memo.get(key)
             if terms is None:
@@ -1281,6 +1302,7 @@ class Book:
         mode = self.settings.rounding
         for draft in drafts:
             acct = draft.account
+            line_tags, movement_tags = acct.line_tags, acct.movement_tags
             cur = acct.currency
             pairs = draft.lines + draft.discount_lines
             lines = tuple(line for line, _ in pairs)
@@ -1299,8 +1321,12 @@ class Book:
             for index, (_, tags) in enumerate(pairs):
                 ref: LineRef | None = None
                 for tag in tags:
-                    acct.line_tags.setdefault(tag, []).append((number, index))
-                    for movement_id in acct.movement_tags.get(tag, []):
+                    ats = line_tags.get(tag)
+                    if ats is None:
+                        line_tags[tag] = [(number, index)]
+                    else:
+                        ats.append((number, index))
+                    for movement_id in movement_tags.get(tag, ()):
                         ref = ref or LineRef(invoice=number, line=index)
                         self._out.links.append((movement_id, ref))
 

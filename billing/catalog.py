@@ -16,7 +16,7 @@ from __future__ import annotations
 from decimal import Decimal
 from fractions import Fraction
 from functools import lru_cache
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -240,6 +240,11 @@ class CatalogIndex:
     always names the same item and `price` is a pure function of (kind, code, currency, quantity).
     Unknown codes raise the catalog's own KeyError."""
 
+    # The `price` and `recurring` memos of the last index made by `of`, with its catalog's JSON.
+    _shared: ClassVar[tuple[str, dict[tuple[str, str, str, int], Fraction], dict[tuple[object, ...], Fraction]]
+                      | None] = None
+    _SHARED_LIMIT: ClassVar[int] = 100_000  # entries past which `of` starts afresh (memory stays bounded)
+
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
         self._plans = {plan.code: plan for plan in catalog.plans}
@@ -253,6 +258,22 @@ class CatalogIndex:
         # quantity, share as (numerator, denominator) or None for a whole period, mode) for licensed
         # lines, by ("usage", metric, currency, aggregate numerator, aggregate denominator, mode)
         self.line_terms: dict[tuple[object, ...], tuple[str, Decimal, Decimal | None, Decimal]] = {}
+
+    @classmethod
+    def of(cls, catalog: Catalog) -> CatalogIndex:
+        """A new index of `catalog` that shares its `price` and `recurring` memos with the last one
+        made here when their catalogs have the same JSON (a run loads the catalog afresh for each
+        batch of customers). Those memos hold values that are only computed with, never stored in
+        a book, so no object passes from one book to another; JSON tells apart amounts that
+        compare equal but print differently (10.0, 10.00)."""
+        text = catalog.model_dump_json()
+        index = cls(catalog)
+        shared = cls._shared
+        if shared is not None and shared[0] == text and len(shared[1]) + len(shared[2]) < cls._SHARED_LIMIT:
+            index._prices, index.recurring = shared[1], shared[2]
+        else:
+            cls._shared = (text, index._prices, index.recurring)
+        return index
 
     def plan(self, code: str) -> Plan:
         plan = self._plans.get(code)

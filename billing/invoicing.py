@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
-from billing.money import RoundingMode, exact_product, round_money
+from billing.money import RoundingMode, exact_product, minor_units, round_to_places
 from billing.records import InvoiceLine, InvoiceStatus
 
 
@@ -41,16 +41,22 @@ class InvoiceTotals:
 def totals(lines: Sequence[InvoiceLine], tax_rate: Decimal, credit_balance: Decimal, currency: str,
            mode: RoundingMode) -> InvoiceTotals:
     """Amounts of an invoice from its (already rounded) lines and the customer's credit."""
-    subtotal = sum((line.amount for line in lines if line.kind != "discount"), Decimal(0))
-    discount = -sum((line.amount for line in lines if line.kind == "discount"), Decimal(0))
-    tax = round_money(exact_product(subtotal - discount, tax_rate), currency, mode)
+    subtotal, discounted = Decimal(0), Decimal(0)
+    for line in lines:  # one pass; each sum adds its lines in order, as sum() would
+        if line.kind == "discount":
+            discounted += line.amount
+        else:
+            subtotal += line.amount
+    discount = -discounted
+    places = minor_units(currency)  # round_money's rounding, the currency looked up once
+    tax = round_to_places(exact_product(subtotal - discount, tax_rate), places, mode)
     total = subtotal - discount + tax
     credit_applied = min(credit_balance, total) if total > 0 else Decimal(0)
     amount_due = total - credit_applied if total > 0 else Decimal(0)
     credit_added = -total if total < 0 else Decimal(0)
 
     def q(value: Decimal) -> Decimal:
-        return round_money(value, currency, mode)
+        return round_to_places(value, places, mode)
 
     return InvoiceTotals(q(subtotal), q(discount), tax, q(total), q(credit_applied), q(amount_due),
                          q(credit_added))

@@ -20,10 +20,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from billing.book import Book, BookError, LegKey, LineTerms, _k, _local_day
-from billing.catalog import CatalogIndex, price_quantity
-from billing.money import round_money
+from billing.catalog import Catalog, CatalogIndex, price_quantity
+from billing.fx import MissingRate, rate_at
+from billing.invoicing import totals
+from billing.money import exact_product, round_money
 from billing.periods import Grid, _step, instant_of, local_date, monthly_factor
 from billing.proration import describe, item_of, shown_quantity
+from billing.records import InvoiceLine, LineKind
 from billing.scenario import Scenario, parse_scenario_text
 from billing.subscription import Subscription
 from billing.usage import rate
@@ -174,7 +177,11 @@ def test_memoized_line_terms_are_what_their_keys_compute(scenario: Scenario) -> 
 @pytest.mark.parametrize("scenario", SCENARIOS[:20], ids=[p.stem for p in FIXTURES[:20]])
 def test_the_catalog_index_prices_as_price_quantity(scenario: Scenario) -> None:
     catalog = scenario.catalog
-    index = CatalogIndex(catalog)
+    for index in (CatalogIndex(catalog), CatalogIndex.of(catalog)):
+        check_index(catalog, index)
+
+
+def check_index(catalog: Catalog, index: CatalogIndex) -> None:
     items = [("plan", p) for p in catalog.plans] + [("addon", a) for a in catalog.addons]
     for kind, item in items:
         assert index.item(kind, item.code) is item
@@ -232,3 +239,66 @@ def test_an_instant_written_with_another_offset_keeps_its_offset() -> None:
     assert _k(at) == "2026-03-01T00:00:00+00:00"
     assert _k(at.astimezone(timezone(timedelta(hours=2)))) == "2026-03-01T02:00:00+02:00"
     assert _local_day(at, "Asia/Kolkata") == "2026-03-01" and _local_day(at, "America/New_York") == "2026-02-28"
+
+
+def test_indexes_of_catalogs_alike_share_exact_prices_and_nothing_a_book_stores(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    catalog = SCENARIOS[0].catalog
+    first = CatalogIndex.of(catalog)
+    again = CatalogIndex.of(catalog.model_copy(deep=True))  # a batch loads an equal catalog afresh
+    assert again._prices is first._prices and again.recurring is first.recurring
+    assert again.line_terms is not first.line_terms  # line terms end up in invoices: never shared
+    plan = catalog.plans[0]
+    assert again.plan(plan.code) is again.catalog.plans[0] is not plan
+    # equal amounts written otherwise (10.00 -> 10.0000) make another catalog: nothing shared
+    wider = plan.model_copy(update={"prices": {c: a.quantize(Decimal("0.0001")) for c, a in plan.prices.items()}})
+    other = CatalogIndex.of(catalog.model_copy(update={"plans": [wider, *catalog.plans[1:]]}))
+    assert other._prices is not first._prices and other.recurring is not first.recurring
+    monkeypatch.setattr(CatalogIndex, "_SHARED_LIMIT", 1)  # a full memo is not shared either
+    full = CatalogIndex.of(catalog)
+    full.price("plan", plan.code, sorted(plan.currencies())[0], 1)
+    assert CatalogIndex.of(catalog)._prices is not full._prices
+
+
+@given(st.lists(st.tuples(st.sampled_from(["plan", "addon", "usage", "proration", "discount"]),
+                          st.decimals(min_value=-10**6, max_value=10**6, places=2)), max_size=12),
+       st.decimals(min_value=0, max_value=1, places=4), st.decimals(min_value=0, max_value=10**4, places=2))
+def test_invoice_totals_sum_as_the_two_filtered_sums(kinds: list[tuple[str, Decimal]], tax_rate: Decimal,
+                                                     credit: Decimal) -> None:
+    lines = [InvoiceLine(kind=cast(LineKind, kind), description="x", subscription="s", quantity=None,
+                         unit_amount=None, amount=amount, period_start=None, period_end=None)
+             for kind, amount in kinds]
+    subtotal = sum((line.amount for line in lines if line.kind != "discount"), Decimal(0))
+    discount = -sum((line.amount for line in lines if line.kind == "discount"), Decimal(0))
+    for mode in ("half_up", "half_even"):
+        found = totals(lines, tax_rate, credit, "USD", mode)
+        tax = round_money(exact_product(subtotal - discount, tax_rate), "USD", mode)
+        assert repr((found.subtotal, found.discount, found.tax)) == repr(
+            (round_money(subtotal, "USD", mode), round_money(discount, "USD", mode), tax))
+        assert repr(found.total) == repr(round_money(subtotal - discount + tax, "USD", mode))
+
+
+FX_SCENARIOS = [s for s in SCENARIOS if s.settings.fx_rates]
+
+
+@given(st.sampled_from(FX_SCENARIOS),
+       st.lists(st.datetimes(min_value=datetime(2019, 1, 1), max_value=datetime(2031, 12, 31),
+                             timezones=st.sampled_from([UTC, timezone(timedelta(hours=-5))])), max_size=20))
+def test_memoized_fx_rates_are_rate_at(scenario: Scenario, instants: list[datetime]) -> None:
+    book = Book(scenario.settings, scenario.catalog)
+    currencies = sorted({r.currency for r in scenario.settings.fx_rates} | {scenario.settings.reporting_currency})
+    for at in [i for instant in instants for i in (instant, instant.replace(hour=0, minute=0), instant)]:
+        for currency in currencies:  # (the same date again: a memoized rate)
+            try:
+                expected = rate_at(scenario.settings, currency, at)
+            except MissingRate:
+                with pytest.raises(BookError):
+                    book.fx_rate(currency, at)
+                continue
+            assert book.fx_rate(currency, at) == expected
+    book.settings = scenario.settings.model_copy(update={"fx_rates": []})  # other settings: memo not reused
+    for at in instants:
+        assert book.fx_rate(book.settings.reporting_currency, at) == 1
+        with pytest.raises(BookError):
+            book.fx_rate(next(c for c in currencies if c != book.settings.reporting_currency), at)
+    assert "_fx" not in Book.loads(book.dumps()).__dict__
