@@ -908,7 +908,7 @@ class Book:
         # stage 2 is never relevant; 3 needs an active coupon, 4 a customer coupon
         if first <= 3 and sub.active_coupons and self._stage_relevant(sub, b, 3):
             return (b, 3, sub.order)
-        if first <= 4 and self.accounts[sub.customer].coupons and self._stage_relevant(sub, b, 4):
+        if first <= 4 and self._stage_relevant(sub, b, 4):
             return (b, 4, sub.order)
         return (b, 5, sub.order)
 
@@ -1302,7 +1302,6 @@ class Book:
         mode = self.settings.rounding
         for draft in drafts:
             acct = draft.account
-            line_tags, movement_tags = acct.line_tags, acct.movement_tags
             cur = acct.currency
             pairs = draft.lines + draft.discount_lines
             lines = tuple(line for line, _ in pairs)
@@ -1321,12 +1320,8 @@ class Book:
             for index, (_, tags) in enumerate(pairs):
                 ref: LineRef | None = None
                 for tag in tags:
-                    ats = line_tags.get(tag)
-                    if ats is None:
-                        line_tags[tag] = [(number, index)]
-                    else:
-                        ats.append((number, index))
-                    for movement_id in movement_tags.get(tag, ()):
+                    acct.line_tags.setdefault(tag, []).append((number, index))
+                    for movement_id in acct.movement_tags.get(tag, ()):
                         ref = ref or LineRef(invoice=number, line=index)
                         self._out.links.append((movement_id, ref))
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
-from billing.money import RoundingMode, exact_product, minor_units, round_to_places
+from billing.money import RoundingMode, exact_product, round_money
 from billing.records import InvoiceLine, InvoiceStatus
 
 
@@ -48,15 +48,14 @@ def totals(lines: Sequence[InvoiceLine], tax_rate: Decimal, credit_balance: Deci
         else:
             subtotal += line.amount
     discount = -discounted
-    places = minor_units(currency)  # round_money's rounding, the currency looked up once
-    tax = round_to_places(exact_product(subtotal - discount, tax_rate), places, mode)
+    tax = round_money(exact_product(subtotal - discount, tax_rate), currency, mode)
     total = subtotal - discount + tax
     credit_applied = min(credit_balance, total) if total > 0 else Decimal(0)
     amount_due = total - credit_applied if total > 0 else Decimal(0)
     credit_added = -total if total < 0 else Decimal(0)
 
     def q(value: Decimal) -> Decimal:
-        return round_to_places(value, places, mode)
+        return round_money(value, currency, mode)
 
     return InvoiceTotals(q(subtotal), q(discount), tax, q(total), q(credit_applied), q(amount_due),
                          q(credit_added))
