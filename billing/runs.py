@@ -42,11 +42,14 @@ from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy.exc import IntegrityError
+
 from billing.book import Book, BookError, Outcome
 from billing.gc_policy import fewer_collections
 from billing.money import from_minor
-from billing.persistence import ConcurrentModification, DatabaseError, Engine, UnitOfWork, utc_now
-from billing.persistence.repository import defer_writes
+from billing.persistence import ConcurrentModification, DatabaseError, Engine, UnitOfWork, claims, utc_now
+from billing.persistence.claims import Claim
+from billing.persistence.repository import defer_writes, hold_accumulations, ordered
 from billing.persistence.usage_store import BatchedUsage
 from billing.records import Invoice, LineRef
 from billing.scenario import InvoiceRunEvent
@@ -292,7 +295,7 @@ def _expected_end(drafted: _Drafted, prior: Counters | None) -> Counters:
     batch written meanwhile (`prior`, its real end: where this one will start) ended from where
     this one was numbered from."""
     end = counters_of(drafted.book)
-    if prior is None or drafted.base is None:
+    if prior is None or drafted.base is None or drafted.claim is not None:  # a claimed batch ends where it claimed
         return end
     base = drafted.base
     return Counters(invoice=end.invoice - base.invoice + prior.invoice,
@@ -386,6 +389,7 @@ class _Drafted:
     number: int
     base: Counters | None
     writes: list[Callable[[], object]] | None = None
+    claim: Claim | None = None
 
 
 def _draft_batch(engine: Engine, run_id: int, command_id: int, ev: InvoiceRunEvent, *, index: int | None,
@@ -429,6 +433,7 @@ def _draft_batch(engine: Engine, run_id: int, command_id: int, ev: InvoiceRunEve
                                                                    floor=floor)
         drafted = _Drafted(uow, customers, book, loaded, sequences, before, outcome, failed, number, base)
         if pipelined and base is not None:
+            _claim(engine, drafted, run_id)
             with defer_writes(uow.session) as writes:
                 _writes(drafted, run_id, command_id)
             drafted.writes = writes
@@ -438,6 +443,57 @@ def _draft_batch(engine: Engine, run_id: int, command_id: int, ev: InvoiceRunEve
     return drafted
 
 
+def _claim(engine: Engine, drafted: _Drafted, run_id: int) -> None:
+    """Claim the numbers the drafted batch takes past every live claim (`billing.persistence.
+    claims`) and number it from there, before its writes are prepared."""
+    assert drafted.base is not None
+    end = counters_of(drafted.book)
+    counts = Counters(invoice=end.invoice - drafted.base.invoice, movement=end.movement - drafted.base.movement,
+                      change=end.change - drafted.base.change)
+    drafted.claim = claims.claim(engine, claims.take_ticket(drafted.uow.session), run_id, counts)
+    if not _same_numbers(drafted.claim.base, drafted.base):
+        drafted.outcome = renumber(drafted.book, drafted.outcome, drafted.claim.base, drafted.base)
+        drafted.base = drafted.claim.base
+
+
+def _write_claimed(drafted: _Drafted, run_id: int, command_id: int) -> dict[str, int]:
+    """Write a claimed batch: its writes that no other batch's can collide with go out at once
+    (the batch claimed before it may still be being written), then it waits for that batch to
+    commit, locks the sequences, and sends the rest (invoices, whose issue order continues the
+    table's, what references them, and the additions to the rows every batch shares). If the
+    sequences do not hold what it claimed, its writes are rolled back to before them and the
+    batch is renumbered under the lock. Returns the sequences."""
+    assert drafted.claim is not None and drafted.base is not None and drafted.writes is not None
+    uow = drafted.uow
+    session = uow.session
+    savepoint = session.begin_nested()
+    session.connection()  # the SAVEPOINT goes out now, before the writes sent on the connection itself
+    collided = False
+    with hold_accumulations(session) as shared:
+        try:
+            for write in drafted.writes:
+                if not ordered(write):
+                    write()
+        except IntegrityError:  # a batch claimed before it took the same ids: renumbered below
+            collided = True
+    if not collided:
+        claims.await_turn(session, drafted.claim.after)
+        sequences = uow.parts.lock_sequences(())
+        real = Counters(**{k: v for k, v in sequences.items() if k in Counters.names()})
+    if not collided and _same_numbers(real, drafted.base):
+        for write in [*filter(ordered, drafted.writes), *shared]:
+            write()
+        savepoint.commit()
+    else:
+        savepoint.rollback()  # the writes and the sequence lock taken after the savepoint
+        sequences = uow.parts.lock_sequences(())
+        real = Counters(**{k: v for k, v in sequences.items() if k in Counters.names()})
+        drafted.outcome = renumber(drafted.book, drafted.outcome, real, drafted.base)
+        _writes(drafted, run_id, command_id)
+    claims.release(session, uow.engine, drafted.claim.ticket, real)
+    return sequences
+
+
 def _write_batch(drafted: _Drafted, run_id: int, command_id: int, fault: Callable[[int], None] | None) -> _Batch:
     """Number (if late), write and commit a drafted batch; roll it back whole on any failure."""
     from billing.service import save_counters
@@ -445,7 +501,9 @@ def _write_batch(drafted: _Drafted, run_id: int, command_id: int, fault: Callabl
     uow = drafted.uow
     try:
         sequences = drafted.sequences
-        if drafted.base is not None:
+        if drafted.claim is not None:
+            sequences = _write_claimed(drafted, run_id, command_id)
+        elif drafted.base is not None:
             sequences = uow.parts.lock_sequences(())
             real = Counters(**{k: v for k, v in sequences.items() if k in Counters.names()})
             if drafted.writes is not None and _same_numbers(real, drafted.base):

@@ -184,12 +184,12 @@ class Bulk:
                 picked = ", ".join(f"v.{name} + b.base" if name == shifted else f"v.{name}" for name, _ in columns)
                 statement = (f"INSERT INTO {table} ({names}) SELECT {picked} "  # noqa: S608 - this module's constants
                              f"FROM unnest({_arrays(columns)}) AS v({names}) CROSS JOIN ({base}) AS b(base)")
-            self._send(statement, _transpose(rows, columns))
+            self._send(statement, _transpose(rows, columns), table=table)
         else:
             if offset is not None:
                 raise ValueError("an offset column is computed in SQL on PostgreSQL only")
             marks = ", ".join("?" for _ in columns)
-            self._send(f"INSERT INTO {table} ({names}) VALUES ({marks})", list(rows))  # noqa: S608
+            self._send(f"INSERT INTO {table} ({names}) VALUES ({marks})", list(rows), table=table)  # noqa: S608
 
     def update(self, table: str, keys: Sequence[tuple[str, str]], columns: Sequence[tuple[str, str]],
                rows: Sequence[tuple[Any, ...]], *, extra: str = "", check: str = "", conflict: str = "") -> int:
@@ -210,14 +210,16 @@ class Bulk:
                                  for (name, _), (alias, _) in zip(matched, [*keys, *aliased[width:]], strict=True))
             statement = (f"UPDATE {table} SET {', '.join(sets)} "  # noqa: S608 - names are this module's constants
                          f"FROM unnest({_arrays(aliased)}) AS v({', '.join(n for n, _ in aliased)}) WHERE {where}")
-            return self._send(statement, _transpose(rows, aliased), len(rows) if check else None, conflict)
+            return self._send(statement, _transpose(rows, aliased), len(rows) if check else None, conflict,
+                              table=table)
         sets = [f"{name} = ?" for name, _ in columns] + ([extra] if extra else [])
         where = " AND ".join(f"{name} = ?" for name, _ in matched)
         params = [(*row[len(keys):width], *row[:len(keys)], *row[width:]) for row in rows]
         statement = f"UPDATE {table} SET {', '.join(sets)} WHERE {where}"  # noqa: S608 - as above
-        return self._send(statement, params, len(rows) if check else None, conflict)
+        return self._send(statement, params, len(rows) if check else None, conflict, table=table)
 
-    def _send(self, statement: str, params: Any, expect: int | None = None, conflict: str = "") -> int:
+    def _send(self, statement: str, params: Any, expect: int | None = None, conflict: str = "", *,
+              table: str = "") -> int:
         """Run the statement now, or, in a session whose writes are deferred (`defer_writes`),
         when they are sent; `expect`: the rows it must change."""
         connection = self.connection  # not `self`: a deferred write must not hold its list in a cycle
@@ -230,7 +232,7 @@ class Bulk:
 
         if self._deferred is None:
             return send()
-        self._deferred.append(send)
+        self._deferred.append(TableWrite(table, send))
         return expect if expect is not None else -1
 
 
@@ -263,6 +265,46 @@ def defer_writes(session: Session) -> Iterator[list[Callable[[], object]]]:
         yield writes
     finally:
         del session.info[_DEFERRED]
+
+
+class TableWrite:
+    """A deferred bulk write and the table it writes."""
+
+    __slots__ = ("send", "table")
+
+    def __init__(self, table: str, send: Callable[[], object]) -> None:
+        self.table, self.send = table, send
+
+    def __call__(self) -> object:
+        return self.send()
+
+
+# what a batch writes that another batch writing at the same time could collide with: the
+# invoices' issue order (`seq`, continued from the table's maximum when the rows are sent) and
+# the rows that reference the invoices
+ORDERED_TABLES = frozenset({"invoices", "invoice_lines", "billed_periods", "movement_invoice_lines"})
+
+
+def ordered(write: Callable[[], object]) -> bool:
+    """Whether a deferred write must wait until the batches before it have committed."""
+    return isinstance(write, TableWrite) and write.table in ORDERED_TABLES
+
+
+_HELD = "billing.held_accumulations"
+
+
+@contextmanager
+def hold_accumulations(session: Session) -> Iterator[list[Callable[[], object]]]:
+    """While open, the additions to rows every batch shares (`LedgerRepository._accumulate`: the
+    monthly flows and measures) are kept in the list given instead of sent: a pipelined batch
+    sends its other writes while the batch before it is still being written, and adds to the
+    shared rows only once that one has committed, so the two never wait on each other's rows."""
+    held: list[Callable[[], object]] = []
+    session.info[_HELD] = held
+    try:
+        yield held
+    finally:
+        del session.info[_HELD]
 
 
 def _arrays(columns: Sequence[tuple[str, str]]) -> str:
@@ -695,13 +737,18 @@ class LedgerRepository:
         """Add `values` to the rows with the same keys (INSERT … ON CONFLICT DO UPDATE)."""
         if not values:
             return
+        values = sorted(values, key=lambda row: tuple(row[k] for k in keys))  # one lock order for every writer
         dialect = self.session.get_bind().dialect.name
         statement = (postgresql_insert if dialect == "postgresql" else sqlite_insert)(model)
         statement = statement.on_conflict_do_update(
             index_elements=list(keys),
             set_={name: getattr(model, name) + getattr(statement.excluded, name) for name in sums},
         )
-        write_now_or_deferred(self.session, lambda: self.session.execute(statement, values))
+        held = self.session.info.get(_HELD)
+        if held is not None:
+            held.append(lambda: self.session.execute(statement, values))
+        else:
+            write_now_or_deferred(self.session, lambda: self.session.execute(statement, values))
 
     def add_links(self, links: Iterable[tuple[int, LineRef]], command_id: int, *,
                   new_movements: Collection[int] = (), new_invoices: Collection[str] = ()) -> int:

@@ -91,3 +91,20 @@ class BilledPeriodRow(Base):
     period_start: Mapped[datetime] = mapped_column(primary_key=True)
     period_end: Mapped[datetime] = mapped_column(primary_key=True)
     invoice_number: Mapped[str] = mapped_column(String(CODE), ForeignKey("invoices.number"))
+
+
+class NumberClaimRow(Base):
+    """A pipelined PostgreSQL batch's forecast of the numbers it will take (`billing.persistence.
+    claims`): a hint so that concurrent workers number disjoint ranges, never the numbers
+    themselves (those are taken from `number_sequences` at commit, gap-free as ever)."""
+
+    __tablename__ = "number_claims"
+
+    ticket: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    run_id: Mapped[int] = mapped_column(Integer)
+    invoice_from: Mapped[int] = mapped_column(BigInteger)
+    invoice_to: Mapped[int] = mapped_column(BigInteger)
+    movement_from: Mapped[int] = mapped_column(BigInteger)
+    movement_to: Mapped[int] = mapped_column(BigInteger)
+    change_from: Mapped[int] = mapped_column(BigInteger)
+    change_to: Mapped[int] = mapped_column(BigInteger)

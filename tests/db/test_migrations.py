@@ -34,6 +34,7 @@ TABLES = {
     "mrr_month_measures",
     "mrr_movement_legs",
     "mrr_movements",
+    "number_claims",
     "number_sequences",
     "subscriptions",
     "usage_events",
@@ -44,7 +45,7 @@ def test_upgrade_creates_every_table(empty_db: Db) -> None:
     assert current_revision(empty_db.engine) is None
     upgrade(empty_db.engine)
     assert set(inspect(empty_db.engine).get_table_names()) == TABLES
-    assert current_revision(empty_db.engine) == head_revision() == "0008_lz4_parts"
+    assert current_revision(empty_db.engine) == head_revision() == "0009_number_claims"
 
 
 def test_migrated_schema_matches_the_models(db: Db) -> None:
@@ -74,7 +75,7 @@ def test_upgrade_is_idempotent_and_downgrade_reverses_it(db: Db) -> None:
 
 
 def test_init_database_from_a_url(empty_db: Db) -> None:
-    assert service.init_database(empty_db.url) == "0008_lz4_parts"
+    assert service.init_database(empty_db.url) == "0009_number_claims"
     service.check_schema(empty_db.engine)
 
 

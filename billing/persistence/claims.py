@@ -1,0 +1,134 @@
+"""Number claims: the order in which concurrent PostgreSQL run workers write their batches, and
+the numbers each expects to take (table `number_claims`, migration 0009).
+
+Gap-free numbers are taken at commit from `number_sequences`, under its row lock, in the batch's
+own transaction (`billing.runs`). A batch drafted while another worker's batch is drafted would
+number from the same counters; the one written second found its numbers taken and was renumbered
+while it held the lock, so two workers wrote one after the other. A claim is a forecast that keeps
+them apart:
+
+- a drafted batch takes a ticket and holds an advisory lock on it for its whole transaction;
+- it claims the range after every live claim (a claim is live while its ticket's lock is held:
+  a batch that committed deleted its row, one that rolled back or died let its lock go) and
+  numbers from it, then sends its writes while the batch before it is still being written;
+- it waits for the claim before it (`await_turn`) and only then locks the sequences: if they hold
+  what it claimed, its writes stand; if not (a claim before it rolled back, a command took
+  numbers meanwhile), it is renumbered as before, and the claims after it are moved by the same
+  difference so that the next batches number right again (`release`).
+
+Nothing here decides a number: a wrong forecast costs a renumbering, never a gap or a duplicate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+
+from billing.shards import Counters
+
+NAMESPACE = 0x62696C6C  # 'bill': the first key of every advisory lock taken here
+_CLAIMING = 0  # the second key serialising the claimers
+TURN_TIMEOUT_MS = 2000  # past this a batch stops waiting for the one before it (renumbered if need be)
+SERIES = ("invoice", "movement", "change")
+
+
+_SHIFT = text(
+    "UPDATE number_claims SET invoice_from = invoice_from + :invoice, invoice_to = invoice_to + :invoice, "
+    "movement_from = movement_from + :movement, movement_to = movement_to + :movement, "
+    "change_from = change_from + :change, change_to = change_to + :change "
+    "WHERE ticket IN (SELECT ticket FROM number_claims WHERE ticket > :ticket FOR UPDATE SKIP LOCKED)")
+
+
+@dataclass(frozen=True)
+class Claim:
+    ticket: int
+    base: Counters  # where the batch expects to number from
+    after: int | None  # the live claim before it, whose batch commits first
+
+
+def _key(ticket: int) -> int:
+    return ticket % 2_147_483_647 + 1  # int4, never _CLAIMING
+
+
+def take_ticket(session: Session) -> int:
+    """A ticket for the batch in `session`'s transaction, locked until the transaction ends (its
+    claim is live exactly as long)."""
+    ticket = int(session.execute(text("SELECT nextval('number_claim_tickets')")).scalar_one())
+    session.execute(text("SELECT pg_advisory_xact_lock(:ns, :key)"), {"ns": NAMESPACE, "key": _key(ticket)})
+    return ticket
+
+
+def claim(engine: Engine, ticket: int, run_id: int, counts: Counters) -> Claim:
+    """Claim `counts` numbers of each series past the sequences and every live claim, in a
+    transaction of its own (committed at once, so the next claimer sees it). Claims left by
+    batches that rolled back or died are deleted on the way."""
+    with engine.connect() as connection:
+        connection.execute(text("SELECT pg_advisory_xact_lock(:ns, :key)"), {"ns": NAMESPACE, "key": _CLAIMING})
+        committed: dict[str, int] = {str(series): int(value) for series, value in connection.execute(text(
+            "SELECT series, next FROM number_sequences WHERE series IN ('invoice', 'movement', 'change')"))}
+        base = {s: committed.get(s, 1) for s in SERIES}
+        after: int | None = None
+        dead: list[int] = []
+        for row in connection.execute(text(
+                "SELECT ticket, invoice_to, movement_to, change_to, "
+                "pg_try_advisory_xact_lock_shared(:ns, (ticket % 2147483647 + 1)::int) AS dead "
+                "FROM number_claims ORDER BY ticket"), {"ns": NAMESPACE}):
+            if row.dead:
+                dead.append(int(row.ticket))
+                continue
+            after = int(row.ticket)
+            for s in SERIES:
+                base[s] = max(base[s], int(getattr(row, f"{s}_to")))
+        if dead:
+            connection.execute(text("DELETE FROM number_claims WHERE ticket = ANY(:dead)"), {"dead": dead})
+        connection.execute(text(
+            "INSERT INTO number_claims (ticket, run_id, invoice_from, invoice_to, movement_from, movement_to, "
+            "change_from, change_to) VALUES (:ticket, :run_id, :invoice_from, :invoice_to, :movement_from, "
+            ":movement_to, :change_from, :change_to)"),
+            {"ticket": ticket, "run_id": run_id,
+             **{f"{s}_from": base[s] for s in SERIES},
+             **{f"{s}_to": base[s] + getattr(counts, s) for s in SERIES}})
+        connection.commit()
+    return Claim(ticket, Counters(**base), after)
+
+
+def await_turn(session: Session, after: int | None) -> None:
+    """Wait until the batch of the claim before this one has committed or rolled back (at most
+    TURN_TIMEOUT_MS: a batch may be held up for reasons of its own, and the sequence lock taken
+    next keeps the numbers right whoever comes first)."""
+    if after is None:
+        return
+    savepoint = session.begin_nested()
+    try:
+        session.execute(text(f"SET LOCAL lock_timeout = {TURN_TIMEOUT_MS}"))
+        session.execute(text("SELECT pg_advisory_xact_lock_shared(:ns, :key)"),
+                        {"ns": NAMESPACE, "key": _key(after)})
+    except OperationalError as exc:  # lock_timeout: go on without waiting further
+        if getattr(exc.orig, "sqlstate", None) != "55P03":
+            raise
+        savepoint.rollback()
+        return
+    session.execute(text("SET LOCAL lock_timeout = DEFAULT"))
+    savepoint.commit()
+
+
+def release(session: Session, engine: Engine, ticket: int, real: Counters) -> None:
+    """The batch is numbered from `real` (the sequences as locked): delete its claim in its own
+    transaction (gone when it commits). If the claim expected other numbers, move every later
+    claim by the difference, at once and in a transaction of its own, so the batches claimed
+    next number from where this one ends."""
+    row = session.execute(text(
+        "DELETE FROM number_claims WHERE ticket = :ticket RETURNING invoice_from, movement_from, change_from"),
+        {"ticket": ticket}).one_or_none()
+    if row is None:
+        return
+    delta = {s: getattr(real, s) - int(getattr(row, f"{s}_from")) for s in SERIES}
+    if not any(delta.values()):
+        return
+    with engine.connect() as connection:
+        connection.execute(text("SELECT pg_advisory_xact_lock(:ns, :key)"), {"ns": NAMESPACE, "key": _CLAIMING})
+        connection.execute(_SHIFT, {"ticket": ticket, **delta})
+        connection.commit()
