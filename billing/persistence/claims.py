@@ -101,11 +101,13 @@ def await_turn(session: Session, after: int | None) -> None:
     next keeps the numbers right whoever comes first)."""
     if after is None:
         return
+    key = {"ns": NAMESPACE, "key": _key(after)}
+    if session.execute(text("SELECT pg_try_advisory_xact_lock_shared(:ns, :key)"), key).scalar_one():
+        return  # it has ended already (the usual case for one worker): one round trip
     savepoint = session.begin_nested()
     try:
         session.execute(text(f"SET LOCAL lock_timeout = {TURN_TIMEOUT_MS}"))
-        session.execute(text("SELECT pg_advisory_xact_lock_shared(:ns, :key)"),
-                        {"ns": NAMESPACE, "key": _key(after)})
+        session.execute(text("SELECT pg_advisory_xact_lock_shared(:ns, :key)"), key)
     except OperationalError as exc:  # lock_timeout: go on without waiting further
         if getattr(exc.orig, "sqlstate", None) != "55P03":
             raise
