@@ -456,16 +456,40 @@ def _claim(engine: Engine, drafted: _Drafted, run_id: int) -> None:
         drafted.base = drafted.claim.base
 
 
+def _counters(sequences: Mapping[str, int]) -> Counters:
+    return Counters(**{k: v for k, v in sequences.items() if k in Counters.names()})
+
+
+def _write_prepared(drafted: _Drafted, run_id: int, command_id: int) -> dict[str, int]:
+    """Lock the sequences and send the batch's prepared writes if they hold the numbers it was
+    drafted with, else renumber it and write it anew. Returns the sequences."""
+    assert drafted.base is not None
+    sequences = drafted.uow.parts.lock_sequences(())
+    real = _counters(sequences)
+    if drafted.writes is not None and _same_numbers(real, drafted.base):
+        for write in drafted.writes:
+            write()
+    else:
+        drafted.outcome = renumber(drafted.book, drafted.outcome, real, drafted.base)
+        _writes(drafted, run_id, command_id)
+    return sequences
+
+
 def _write_claimed(drafted: _Drafted, run_id: int, command_id: int) -> dict[str, int]:
-    """Write a claimed batch: its writes that no other batch's can collide with go out at once
-    (the batch claimed before it may still be being written), then it waits for that batch to
-    commit, locks the sequences, and sends the rest (invoices, whose issue order continues the
-    table's, what references them, and the additions to the rows every batch shares). If the
-    sequences do not hold what it claimed, its writes are rolled back to before them and the
-    batch is renumbered under the lock. Returns the sequences."""
+    """Write a claimed batch. If the batch claimed before it has ended (always, with one worker),
+    it locks the sequences and writes as an unclaimed batch does. Otherwise its writes that no
+    other batch's can collide with go out at once, while that batch is still being written; then
+    it waits for that batch to end, locks the sequences, and sends the rest (invoices, whose issue
+    order continues the table's, what references them, and the additions to the rows every batch
+    shares). If the sequences do not hold what it claimed, its early writes are rolled back to a
+    savepoint and the batch is renumbered under the lock. Returns the sequences."""
     assert drafted.claim is not None and drafted.base is not None and drafted.writes is not None
     uow = drafted.uow
     session = uow.session
+    if claims.turn_taken(session, drafted.claim.after):
+        sequences = _write_prepared(drafted, run_id, command_id)
+        claims.release(session, uow.engine, drafted.claim.ticket, _counters(sequences))
+        return sequences
     savepoint = session.begin_nested()
     session.connection()  # the SAVEPOINT goes out now, before the writes sent on the connection itself
     collided = False
@@ -479,7 +503,7 @@ def _write_claimed(drafted: _Drafted, run_id: int, command_id: int) -> dict[str,
     if not collided:
         claims.await_turn(session, drafted.claim.after)
         sequences = uow.parts.lock_sequences(())
-        real = Counters(**{k: v for k, v in sequences.items() if k in Counters.names()})
+        real = _counters(sequences)
     if not collided and _same_numbers(real, drafted.base):
         for write in [*filter(ordered, drafted.writes), *shared]:
             write()
@@ -487,7 +511,7 @@ def _write_claimed(drafted: _Drafted, run_id: int, command_id: int) -> dict[str,
     else:
         savepoint.rollback()  # the writes and the sequence lock taken after the savepoint
         sequences = uow.parts.lock_sequences(())
-        real = Counters(**{k: v for k, v in sequences.items() if k in Counters.names()})
+        real = _counters(sequences)
         drafted.outcome = renumber(drafted.book, drafted.outcome, real, drafted.base)
         _writes(drafted, run_id, command_id)
     claims.release(session, uow.engine, drafted.claim.ticket, real)
@@ -504,14 +528,7 @@ def _write_batch(drafted: _Drafted, run_id: int, command_id: int, fault: Callabl
         if drafted.claim is not None:
             sequences = _write_claimed(drafted, run_id, command_id)
         elif drafted.base is not None:
-            sequences = uow.parts.lock_sequences(())
-            real = Counters(**{k: v for k, v in sequences.items() if k in Counters.names()})
-            if drafted.writes is not None and _same_numbers(real, drafted.base):
-                for write in drafted.writes:
-                    write()
-            else:
-                drafted.outcome = renumber(drafted.book, drafted.outcome, real, drafted.base)
-                _writes(drafted, run_id, command_id)
+            sequences = _write_prepared(drafted, run_id, command_id)
         else:
             _writes(drafted, run_id, command_id)
         save_counters(uow, drafted.book, sequences)

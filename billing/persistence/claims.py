@@ -95,6 +95,15 @@ def claim(engine: Engine, ticket: int, run_id: int, counts: Counters) -> Claim:
     return Claim(ticket, Counters(**base), after)
 
 
+def turn_taken(session: Session, after: int | None) -> bool:
+    """Whether the batch of the claim before this one has ended already (committed or rolled
+    back): always so with one worker. One round trip, no wait."""
+    if after is None:
+        return True
+    return bool(session.execute(text("SELECT pg_try_advisory_xact_lock_shared(:ns, :key)"),
+                                {"ns": NAMESPACE, "key": _key(after)}).scalar_one())
+
+
 def await_turn(session: Session, after: int | None) -> None:
     """Wait until the batch of the claim before this one has committed or rolled back (at most
     TURN_TIMEOUT_MS: a batch may be held up for reasons of its own, and the sequence lock taken
@@ -102,8 +111,6 @@ def await_turn(session: Session, after: int | None) -> None:
     if after is None:
         return
     key = {"ns": NAMESPACE, "key": _key(after)}
-    if session.execute(text("SELECT pg_try_advisory_xact_lock_shared(:ns, :key)"), key).scalar_one():
-        return  # it has ended already (the usual case for one worker): one round trip
     savepoint = session.begin_nested()
     try:
         session.execute(text(f"SET LOCAL lock_timeout = {TURN_TIMEOUT_MS}"))

@@ -74,6 +74,7 @@ def test_a_batch_waits_its_turn_until_the_one_claimed_before_it_ends(pg: Db) -> 
         a = claims.claim(pg.engine, claims.take_ticket(first), 1, _counts(1, 0, 0))
         b = claims.claim(pg.engine, claims.take_ticket(second), 1, _counts(1, 0, 0))
         assert b.after == a.ticket
+        assert not claims.turn_taken(second, b.after)
         second.execute(text("SET lock_timeout = 200"))
         with pytest.raises(Exception, match="lock timeout"):  # still held: it would wait
             second.execute(text("SELECT pg_advisory_xact_lock_shared(:ns, :key)"),
@@ -81,5 +82,6 @@ def test_a_batch_waits_its_turn_until_the_one_claimed_before_it_ends(pg: Db) -> 
         second.rollback()
         first.commit()
     with Session(pg.engine) as third:
+        assert claims.turn_taken(third, a.ticket) and claims.turn_taken(third, None)
         claims.await_turn(third, a.ticket)  # ended: no wait
         third.commit()
