@@ -178,7 +178,7 @@ def _minor(amount: Decimal, currency: str) -> int:
     return to_minor(amount, currency)
 
 
-def _worker(url: str, run_id: int | None, batch: int, queue: Any) -> None:
+def _worker(url: str, run_id: int | None, batch: int, queue: Any, claim_numbers: bool = False) -> None:
     """One worker process: plan the run (the first) or join it, bill, report its peak RSS."""
     from billing.runs import run
 
@@ -186,7 +186,7 @@ def _worker(url: str, run_id: int | None, batch: int, queue: Any) -> None:
     ev = InvoiceRunEvent(type="invoice_run", at=AS_OF)
     started = time.time()
     summary = run(engine, ev, actor="bench", batch=batch, join=run_id,
-                  skip_locked=engine.dialect.name == "postgresql")
+                  skip_locked=engine.dialect.name == "postgresql", claim_numbers=claim_numbers)
     engine.dispose()
     queue.put({"run": summary.run_id, "invoices": summary.invoices, "started": started,
                "seconds": time.time() - started, "peak_rss_mb": _peak_rss_mb()})
@@ -220,7 +220,7 @@ def measure(url: str, *, workers: int = 1, batch: int = 500) -> dict[str, Any]:
                          clock=lambda: datetime.now(UTC), join=None)
     engine.dispose()
     planned = time.time()
-    procs = [ctx.Process(target=_worker, args=(url, run_id, batch, queue)) for _ in range(workers)]
+    procs = [ctx.Process(target=_worker, args=(url, run_id, batch, queue, workers > 1)) for _ in range(workers)]
     for proc in procs:
         proc.start()
     results = [queue.get() for _ in procs]

@@ -164,23 +164,27 @@ def run_invoices_event(engine: Engine, ev: InvoiceRunEvent, *, actor: str, idemp
 def run(engine: Engine, ev: InvoiceRunEvent, *, actor: str, idempotency_key: str | None = None,
         index: int | None = None, clock: Callable[[], datetime] = utc_now, progress: ProgressCallback | None = None,
         batch: int = BATCH, dry_run: bool = False, collect: Outcome | None = None,
-        join: int | None = None, skip_locked: bool = False,
+        join: int | None = None, skip_locked: bool = False, claim_numbers: bool | None = None,
         fault: Callable[[int], None] | None = None) -> RunSummary:
     """Plan (or resume, or join) the run at `ev.at` and bill its customers batch by batch.
 
     `collect` receives every batch's outcome (the replay and `service.execute` need them; a
     large run leaves it out to keep memory flat). `fault(batch_number)` is called inside each
     batch's transaction before it commits (tests use it to break a batch). The collector runs
-    less often meanwhile (billing.gc_policy)."""
+    less often meanwhile (billing.gc_policy). `claim_numbers` (default: when joining a run, as
+    every worker of `--workers K` does): on PostgreSQL, claim each batch's numbers so concurrent
+    workers number apart (`billing.persistence.claims`); a lone worker spares the claims, and a
+    worker that does not claim is renumbered when another took its numbers, as before."""
     with fewer_collections():
         return _run(engine, ev, actor=actor, idempotency_key=idempotency_key, index=index, clock=clock,
                     progress=progress, batch=batch, dry_run=dry_run, collect=collect, join=join,
-                    skip_locked=skip_locked, fault=fault)
+                    skip_locked=skip_locked,
+                    claim_numbers=join is not None if claim_numbers is None else claim_numbers, fault=fault)
 
 
 def _run(engine: Engine, ev: InvoiceRunEvent, *, actor: str, idempotency_key: str | None, index: int | None,
          clock: Callable[[], datetime], progress: ProgressCallback | None, batch: int, dry_run: bool,
-         collect: Outcome | None, join: int | None, skip_locked: bool,
+         collect: Outcome | None, join: int | None, skip_locked: bool, claim_numbers: bool,
          fault: Callable[[int], None] | None) -> RunSummary:
     started = time.perf_counter()
     if dry_run:
@@ -229,6 +233,7 @@ def _run(engine: Engine, ev: InvoiceRunEvent, *, actor: str, idempotency_key: st
             try:
                 drafted = _draft_batch(engine, run_id, command_id, ev, index=index, batch=batch, clock=clock,
                                        skip_locked=skip_locked, number=number, pipelined=pipelined,
+                                       claiming=pipelined and claim_numbers,
                                        floor=floor if in_flight is not None else None)
             except (DatabaseError, ConcurrentModification) as exc:
                 compute_error = exc
@@ -394,7 +399,8 @@ class _Drafted:
 
 def _draft_batch(engine: Engine, run_id: int, command_id: int, ev: InvoiceRunEvent, *, index: int | None,
                  batch: int, clock: Callable[[], datetime], skip_locked: bool, number: int,
-                 pipelined: bool = False, floor: Counters | None = None) -> _Drafted | None:
+                 pipelined: bool = False, claiming: bool = False, floor: Counters | None = None
+                 ) -> _Drafted | None:
     """Open the batch's transaction, claim its customers and apply the run to them (None: no
     customer left to claim). The transaction stays open for `_write_batch`.
 
@@ -433,7 +439,8 @@ def _draft_batch(engine: Engine, run_id: int, command_id: int, ev: InvoiceRunEve
                                                                    floor=floor)
         drafted = _Drafted(uow, customers, book, loaded, sequences, before, outcome, failed, number, base)
         if pipelined and base is not None:
-            _claim(engine, drafted, run_id)
+            if claiming:
+                _claim(engine, drafted, run_id)
             with defer_writes(uow.session) as writes:
                 _writes(drafted, run_id, command_id)
             drafted.writes = writes

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -53,46 +53,33 @@ def _key(ticket: int) -> int:
     return ticket % 2_147_483_647 + 1  # int4, never _CLAIMING
 
 
+def _claiming(connection: Connection) -> None:
+    """Serialise the claimers; a claim is a hint that dies with its batch, so its commit need not
+    wait for the disk (a claim lost in a crash is a claim whose batch is gone too)."""
+    connection.execute(text("SET LOCAL synchronous_commit = off"))
+    connection.execute(text("SELECT pg_advisory_xact_lock(:ns, :key)"), {"ns": NAMESPACE, "key": _CLAIMING})
+
+
 def take_ticket(session: Session) -> int:
     """A ticket for the batch in `session`'s transaction, locked until the transaction ends (its
     claim is live exactly as long)."""
-    ticket = int(session.execute(text("SELECT nextval('number_claim_tickets')")).scalar_one())
-    session.execute(text("SELECT pg_advisory_xact_lock(:ns, :key)"), {"ns": NAMESPACE, "key": _key(ticket)})
-    return ticket
+    return int(session.execute(text(
+        "SELECT t, pg_advisory_xact_lock(:ns, (t % 2147483647 + 1)::int) "
+        "FROM (SELECT nextval('number_claim_tickets') AS t) AS ticket"), {"ns": NAMESPACE}).scalar_one())
 
 
 def claim(engine: Engine, ticket: int, run_id: int, counts: Counters) -> Claim:
     """Claim `counts` numbers of each series past the sequences and every live claim, in a
-    transaction of its own (committed at once, so the next claimer sees it). Claims left by
-    batches that rolled back or died are deleted on the way."""
-    with engine.connect() as connection:
-        connection.execute(text("SELECT pg_advisory_xact_lock(:ns, :key)"), {"ns": NAMESPACE, "key": _CLAIMING})
-        committed: dict[str, int] = {str(series): int(value) for series, value in connection.execute(text(
-            "SELECT series, next FROM number_sequences WHERE series IN ('invoice', 'movement', 'change')"))}
-        base = {s: committed.get(s, 1) for s in SERIES}
-        after: int | None = None
-        dead: list[int] = []
-        for row in connection.execute(text(
-                "SELECT ticket, invoice_to, movement_to, change_to, "
-                "pg_try_advisory_xact_lock_shared(:ns, (ticket % 2147483647 + 1)::int) AS dead "
-                "FROM number_claims ORDER BY ticket"), {"ns": NAMESPACE}):
-            if row.dead:
-                dead.append(int(row.ticket))
-                continue
-            after = int(row.ticket)
-            for s in SERIES:
-                base[s] = max(base[s], int(getattr(row, f"{s}_to")))
-        if dead:
-            connection.execute(text("DELETE FROM number_claims WHERE ticket = ANY(:dead)"), {"dead": dead})
-        connection.execute(text(
-            "INSERT INTO number_claims (ticket, run_id, invoice_from, invoice_to, movement_from, movement_to, "
-            "change_from, change_to) VALUES (:ticket, :run_id, :invoice_from, :invoice_to, :movement_from, "
-            ":movement_to, :change_from, :change_to)"),
-            {"ticket": ticket, "run_id": run_id,
-             **{f"{s}_from": base[s] for s in SERIES},
-             **{f"{s}_to": base[s] + getattr(counts, s) for s in SERIES}})
-        connection.commit()
-    return Claim(ticket, Counters(**base), after)
+    transaction of its own (committed at once, so the next claimer sees it): one call of the
+    `number_claim` function (migration 0009), which deletes on the way the claims left by
+    batches that rolled back or died."""
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        row = connection.execute(text(
+            "SELECT * FROM number_claim(:ticket, :run_id, :invoices, :movements, :changes, :ns)"),
+            {"ticket": ticket, "run_id": run_id, "invoices": counts.invoice, "movements": counts.movement,
+             "changes": counts.change, "ns": NAMESPACE}).one()
+    base = Counters(invoice=int(row.invoice_from), movement=int(row.movement_from), change=int(row.change_from))
+    return Claim(ticket, base, None if row.after is None else int(row.after))
 
 
 def turn_taken(session: Session, after: int | None) -> bool:
@@ -138,6 +125,6 @@ def release(session: Session, engine: Engine, ticket: int, real: Counters) -> No
     if not any(delta.values()):
         return
     with engine.connect() as connection:
-        connection.execute(text("SELECT pg_advisory_xact_lock(:ns, :key)"), {"ns": NAMESPACE, "key": _CLAIMING})
+        _claiming(connection)
         connection.execute(_SHIFT, {"ticket": ticket, **delta})
         connection.commit()
