@@ -341,6 +341,9 @@ def test_workers_on_postgresql_bill_everyone_once_with_gap_free_numbers(
     assert sorted(r[0] for r in _invoices(db.url)) == sorted(r[0] for r in reference)
     with UnitOfWork(db.engine) as uow:
         assert uow.runs.progress(1) == {"pending": 0, "done": summary["customers"], "failed": 0}
+        # the workers joined the run, so each batch claimed its numbers and deleted its claim as it committed
+        assert uow.session.scalar(text("SELECT count(*) FROM number_claims")) == 0
+        assert uow.session.scalar(text("SELECT is_called FROM number_claim_tickets")) is True
 
 
 def test_a_change_that_comes_in_while_a_run_is_unfinished_is_neither_lost_nor_billed_twice(
