@@ -259,12 +259,19 @@ def defer_writes(session: Session) -> Iterator[list[Callable[[], object]]]:
     prepared — statements and parameters built — but not sent: each is appended to the list
     given, to be called later in the same transaction (a run batch drafts its writes while the
     previous batch is written). Reads still run at once."""
-    writes: list[Callable[[], object]] = []
-    session.info[_DEFERRED] = writes
-    try:
+    with _collecting(session, _DEFERRED) as writes:
         yield writes
+
+
+@contextmanager
+def _collecting(session: Session, key: str) -> Iterator[list[Callable[[], object]]]:
+    """A list kept in `session.info[key]` while open, for the writes that go there instead of out."""
+    collected: list[Callable[[], object]] = []
+    session.info[key] = collected
+    try:
+        yield collected
     finally:
-        del session.info[_DEFERRED]
+        del session.info[key]
 
 
 class TableWrite:
@@ -299,12 +306,8 @@ def hold_accumulations(session: Session) -> Iterator[list[Callable[[], object]]]
     monthly flows and measures) are kept in the list given instead of sent: a pipelined batch
     sends its other writes while the batch before it is still being written, and adds to the
     shared rows only once that one has committed, so the two never wait on each other's rows."""
-    held: list[Callable[[], object]] = []
-    session.info[_HELD] = held
-    try:
+    with _collecting(session, _HELD) as held:
         yield held
-    finally:
-        del session.info[_HELD]
 
 
 def _arrays(columns: Sequence[tuple[str, str]]) -> str:
