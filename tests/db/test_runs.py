@@ -13,6 +13,8 @@ import random
 import signal
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from dbkit import Db
 from sqlalchemy import bindparam, text
 
 from billing import runs
-from billing.persistence import UnitOfWork, create_engine
+from billing.persistence import UnitOfWork, create_engine, utc_now
 from billing.persistence.types import UTCDateTime
 from billing.run_bench import AS_OF, build
 from billing.runs import run
@@ -517,3 +519,52 @@ def test_bulk_rows_are_stored_exactly_as_sqlalchemy_stores_them(db: Db) -> None:
 
     assert stored("bulk_ours") == stored("bulk_theirs")
     assert len(stored("bulk_ours")) == 3
+
+
+@pytest.mark.parametrize("first_commits", [True, False])
+def test_a_claimed_batch_written_while_the_one_before_it_is_open_waits_for_it(
+        db: Db, first_commits: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two claimed batches drafted at once: the second numbers past the first's claim, sends its
+    early writes, and waits for the first to end before it takes the sequences. If the first
+    commits, the second's numbers stand; if it rolls back, the second's early writes roll back to
+    the savepoint and it is renumbered under the lock. Either way nothing is billed twice and the
+    numbers have no gap."""
+    if db.backend != "postgresql":
+        pytest.skip("only PostgreSQL workers claim numbers")
+    build(db.url, SUBSCRIPTIONS)
+    run_id, command_id, _ = runs._plan(db.engine, RUN, actor="t", idempotency_key=None, index=None,
+                                       clock=utc_now, join=None)
+    drafting = {"index": None, "batch": BATCH, "clock": utc_now, "skip_locked": True, "pipelined": True,
+                "claiming": True}
+    first = runs._draft_batch(db.engine, run_id, command_id, RUN, number=0, **drafting)
+    second = runs._draft_batch(db.engine, run_id, command_id, RUN, number=1, **drafting)
+    assert first is not None and second is not None and first.claim is not None and second.claim is not None
+    assert second.claim.after == first.claim.ticket
+    assert second.base is not None and first.base is not None
+    assert second.base.invoice == first.base.invoice + len(first.outcome.issued) > first.base.invoice
+    renumbered: list[int] = []
+    original_renumber = runs.renumber
+
+    def renumber(*args: Any, **kwargs: Any) -> Any:
+        renumbered.append(1)
+        return original_renumber(*args, **kwargs)
+
+    monkeypatch.setattr(runs, "renumber", renumber)
+    with ThreadPoolExecutor(1) as pool:
+        later = pool.submit(runs._write_batch, second, run_id, command_id, None)
+        time.sleep(0.5)
+        assert not later.done()  # its turn comes when the first batch ends
+        if first_commits:
+            runs._write_batch(first, run_id, command_id, None)
+        else:
+            runs._discard(first)
+        written = later.result(timeout=30)
+    assert renumbered == ([] if first_commits else [1])
+    numbers = sorted(int(i.number.removeprefix("INV-")) for i in written.outcome.issued)
+    start = first.base.invoice + (len(first.outcome.issued) if first_commits else 0)
+    assert numbers == list(range(start, start + len(numbers)))
+    summary = run(db.engine, RUN, actor="t", batch=BATCH, join=run_id, skip_locked=True)  # the rest
+    assert summary.state == "done" and summary.failed == []
+    _check_once_and_gap_free(db.url)
+    with UnitOfWork(db.engine) as uow:
+        assert uow.session.scalar(text("SELECT count(*) FROM number_claims")) == 0
