@@ -80,6 +80,7 @@ class CustomerRow(Base):
     """Current view of a customer, with its MRR and credit balance in minor units."""
 
     __tablename__ = "customers"
+    __table_args__ = ({"postgresql_with": {"fillfactor": 50}},)  # HOT updates (migration 0010_hot_views)
 
     id: Mapped[str] = mapped_column(String(CODE), primary_key=True)
     currency: Mapped[str] = mapped_column(String(3))
@@ -103,6 +104,7 @@ class SubscriptionRow(Base):
     __tablename__ = "subscriptions"
     __table_args__ = (
         CheckConstraint("status IN ('trialing', 'active', 'cancelled')", name="status"),
+        {"postgresql_with": {"fillfactor": 50}},  # HOT updates (migration 0010_hot_views)
     )
 
     id: Mapped[str] = mapped_column(String(CODE), primary_key=True)

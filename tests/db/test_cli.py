@@ -52,7 +52,7 @@ def test_init_apply_run_list_show(run: Run, db: Db, tmp_path: Path) -> None:
     first_two = dict(scenario, events=scenario["events"][:2])
     first_two.pop("expect", None)
     result = run("init", "--db", db.url)
-    assert result.exit_code == 0 and "schema revision 0009_number_claims" in result.stdout
+    assert result.exit_code == 0 and "schema revision 0010_hot_views" in result.stdout
 
     result = run("apply", write(tmp_path, "s.json", first_two), "--db", db.url)
     assert result.exit_code == 0, result.output
