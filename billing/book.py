@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import heapq
 import pickle
+import sys
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -158,7 +159,8 @@ class Account:
                 if isinstance(ats[0], LineRef):  # saved when the lines were LineRef records (all of them then)
                     state["line_tags"] = {tag: [_line_at(at) for at in refs] for tag, refs in line_tags.items()}
                 break
-        self.__dict__.update(state)
+        # interned names, as pickle's own BUILD sets them: a part's next pickle refers to them (billing.shards)
+        self.__dict__.update((sys.intern(name), value) for name, value in state.items())
 
 
 @dataclass

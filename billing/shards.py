@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import io
 import pickle
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from datetime import datetime
+from datetime import UTC, datetime
+from functools import cache
 from typing import Any
 
 from billing.archive import encode_invoices
@@ -68,7 +70,14 @@ class CustomerPart:
     archived: list[Archived] = field(default_factory=list)  # issued before `invoices`
 
     def dumps(self) -> bytes:
-        return pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
+        """The part in format 2 (`PART_FORMAT` then a protocol-3 pickle whose classes and field
+        names are references into `SHARED`; see `_Shared`)."""
+        buffer = io.BytesIO()
+        buffer.write(PART_FORMAT)
+        pickler = pickle.Pickler(buffer, protocol=3)
+        pickler.memo = _shared().pickler_memo
+        pickler.dump(self)
+        return buffer.getvalue()
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -80,7 +89,7 @@ class CustomerPart:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state.setdefault("archived", [])  # a part saved before invoices were archived
-        self.__dict__.update(state)
+        self.__dict__.update((sys.intern(name), value) for name, value in state.items())  # as in Account
 
     def invoice_numbers(self) -> list[str]:
         """Every invoice of the customer, archived or not, in issue order."""
@@ -88,7 +97,14 @@ class CustomerPart:
 
     @staticmethod
     def loads(data: bytes) -> CustomerPart:
-        part = _PartUnpickler(io.BytesIO(data)).load()
+        """A part from `dumps`, or a plain pickle of one (the format before 2)."""
+        if data[:len(PART_FORMAT)] == PART_FORMAT:
+            # a buffered reader: the unpickler peeks ahead in it instead of calling read per opcode
+            unpickler = _PartUnpickler(io.BufferedReader(io.BytesIO(memoryview(data)[len(PART_FORMAT):])))
+            unpickler.memo = _shared().unpickler_memo
+        else:
+            unpickler = _PartUnpickler(io.BytesIO(data))
+        part = unpickler.load()
         if not isinstance(part, CustomerPart):
             raise TypeError("not a customer part")
         return part
@@ -102,11 +118,79 @@ class _PartUnpickler(pickle.Unpickler):  # our own snapshots from our own databa
         try:
             return _CLASSES[module, name]
         except KeyError:
-            found = _CLASSES[module, name] = super().find_class(module, name)
+            if module == _NAME:
+                found = sys.intern(name)
+            elif module == _VALUE:
+                found = _VALUES[name]
+            else:
+                found = super().find_class(module, name)
+            _CLASSES[module, name] = found
             return found
 
 
 _CLASSES: dict[tuple[str, str], Any] = {}
+
+PART_FORMAT = b"part2:"
+"""The prefix of a part in format 2; a part without it is a plain pickle (format 1)."""
+
+SHARED: tuple[tuple[str, str], ...] = (
+    # classes and functions: (module, name)
+    ("billing.shards", "CustomerPart"), ("billing.book", "Account"), ("billing.book", "PendingLine"),
+    ("billing.subscription", "Subscription"), ("billing.subscription", "Items"),
+    ("billing.subscription", "LicensedPeriod"), ("billing.subscription", "UsagePeriod"),
+    ("billing.subscription", "Scheduled"), ("billing.periods", "Grid"), ("billing.periods", "Period"),
+    ("billing.discounts", "Coupon"), ("billing.records", "_restore_record"), ("billing.records", "InvoiceLine"),
+    ("billing.records", "CreditNote"), ("billing.records", "CreditNoteLine"), ("decimal", "Decimal"),
+    ("fractions", "Fraction"), ("datetime", "datetime"), ("datetime", "date"), ("datetime", "timezone"),
+    ("datetime", "timedelta"),
+    # values
+    ("=", "utc"),
+    # attribute names of the classes above
+    *(("@", name) for name in (
+        "account", "subscriptions", "coupons", "invoices", "credit_notes", "archived", "id", "order", "currency",
+        "tax_rate", "tz", "tags", "locale", "name", "created_at", "credit", "mrr", "had_mrr", "pending", "legs",
+        "movement_tags", "line_tags", "next_invoice", "line", "coverage_start", "customer", "billing_day",
+        "status", "items", "trial_end", "grid", "current", "stage", "unbilled", "usage_open", "started_at",
+        "usage_unbilled", "usage_mrr", "scheduled", "cancel_at_period_end", "cancel_index", "ended_at",
+        "active_coupons", "plan", "quantity", "addons", "period", "start", "end", "full_end", "cause", "index",
+        "addon", "addon_quantity", "interval", "count", "anchor", "origin", "full_start", "subscription",
+        "percent", "amount", "duration", "at", "windows", "used", "lasts_until")),
+)
+"""What every part in format 2 names by its position here instead of spelling it out: a class by
+module and name, a value (module `=`), an attribute name (module `@`). Append only: a stored
+part refers to these by position."""
+
+_NAME, _VALUE = "@", "="
+_VALUES: dict[str, Any] = {"utc": UTC}
+
+
+@dataclass(frozen=True)
+class _Shared:
+    """`SHARED` as the first entries of a pickler's and an unpickler's memo, copied into each
+    part's (pickle's memo holds what an object already written is, so each of these is written
+    as a 2-byte reference). A plain pickle spells out each class a part holds (module and name,
+    looked up again by the pickler: about a third of pickling a part) and each attribute name.
+    Protocol 3 puts each memo entry at an explicit index; protocol 4's implicit one would start
+    over at 0 in an unpickler whose memo was copied in."""
+
+    objects: list[Any]  # kept alive: the pickler's memo is keyed by their ids
+    pickler_memo: Any
+    unpickler_memo: Any
+
+
+@cache
+def _shared() -> _Shared:
+    template = bytearray(b"\x80\x03")  # each entry: GLOBAL module name, LONG_BINPUT index, POP
+    for index, (module, name) in enumerate(SHARED):
+        template += b"c%s\n%s\n" % (module.encode(), name.encode()) + b"r" + index.to_bytes(4, "little") + b"0"
+    template += b"N."
+    unpickler = _PartUnpickler(io.BytesIO(bytes(template)))
+    unpickler.load()
+    memo = unpickler.memo.copy()
+    objects = [memo[index] for index in range(len(SHARED))]
+    pickler = pickle.Pickler(io.BytesIO(), protocol=3)
+    pickler.memo = {id(obj): (index, obj) for index, obj in enumerate(objects)}
+    return _Shared(objects, pickler.memo, unpickler.memo)
 
 
 @dataclass(frozen=True)

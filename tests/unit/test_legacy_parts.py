@@ -97,3 +97,24 @@ def test_a_legacy_part_saved_again_keeps_its_old_entries_and_adds_new_ones(name:
     # an untouched legacy entry is written back as it was read
     for part in legacy_parts(name).values():
         assert CustomerPart.loads(part.dumps()).archived == part.archived
+
+
+FORMAT2: dict[str, dict[str, str]] = json.loads((Path(__file__).parent / "data" / "parts-format2.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(FORMAT2))
+def test_a_part_stored_in_format_2_loads_as_the_current_code_writes_it(name: str) -> None:
+    """`data/parts-format2.json`: the same fixtures' parts, replayed as above and written in format
+    2 by the code that introduced it (billing.shards.SHARED, append only: stored parts name its
+    entries by position)."""
+    _, parts = replay_in_parts(name)
+    stored = {customer: CustomerPart.loads(base64.b64decode(data)) for customer, data in FORMAT2[name].items()}
+    assert sorted(stored) == sorted(parts)
+    for customer, part in parts.items():
+        loaded, old = CustomerPart.loads(part.dumps()), stored[customer]
+        assert old.account == loaded.account
+        assert old.subscriptions == loaded.subscriptions
+        assert old.coupons == loaded.coupons
+        assert old.credit_notes == loaded.credit_notes
+        assert old.archived == loaded.archived
+        same_invoices(invoices_of(loaded), invoices_of(old))

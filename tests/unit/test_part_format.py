@@ -9,6 +9,8 @@ import copyreg
 import dataclasses
 import io
 import pickle
+import sys
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ from billing.book import Book
 from billing.records import InvoiceLine, LineRef, Record
 from billing.replay import replay_in_memory
 from billing.scenario import PayEvent, parse_scenario_text
-from billing.shards import Counters, CustomerPart, assemble, counters_of, split
+from billing.shards import PART_FORMAT, SHARED, Counters, CustomerPart, _shared, assemble, counters_of, split
 
 FIXTURES = sorted((Path(__file__).resolve().parents[2] / "fixtures" / "scenarios").glob("*.json"))
 
@@ -163,11 +165,40 @@ def test_an_account_saved_with_line_ref_records_loads_as_tuples() -> None:
 
 
 def test_parts_load_alike_through_the_class_cache() -> None:
-    """`CustomerPart.loads` looks classes up once per process; what it loads is what pickle loads."""
+    """`CustomerPart.loads` looks classes up once per process; a part in format 2 loads as the
+    same part pickled plainly (format 1) does."""
     book = _book_with_history()
     for part in split(book).values():
         data = part.dumps()
         first, second = CustomerPart.loads(data), CustomerPart.loads(data)
-        plain = pickle.loads(data)  # noqa: S301 - made by this test
+        plain = CustomerPart.loads(pickle.dumps(part, protocol=pickle.HIGHEST_PROTOCOL))
         assert first == second == plain
         assert type(first.account.created_at.tzinfo) is type(plain.account.created_at.tzinfo)
+
+
+def test_a_part_names_its_classes_and_attributes_by_reference() -> None:
+    """Format 2: what `SHARED` lists is written as a memo reference, not spelled out."""
+    book = _book_with_history()
+    for part in split(book).values():
+        data = part.dumps()
+        assert data.startswith(PART_FORMAT)
+        for spelled in (b"billing.shards", b"CustomerPart", b"Account", b"datetime", b"subscriptions", b"created_at"):
+            assert spelled not in data
+        assert len(data) < len(pickle.dumps(part, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def test_attribute_names_load_interned() -> None:
+    """Loaded attribute names are the interned strings, so the part's next `dumps` finds them in
+    the shared memo again (by identity) and writes the same bytes."""
+    book = _book_with_history()
+    for part in split(book).values():
+        loaded = CustomerPart.loads(part.dumps())
+        assert all(name is sys.intern(name) for name in vars(loaded.account))
+        assert CustomerPart.loads(part.dumps()).dumps() == loaded.dumps()
+
+
+def test_shared_entries_resolve_to_what_they_name() -> None:
+    objects = _shared().objects
+    assert len(objects) == len(SHARED)
+    assert objects[0] is CustomerPart and objects[SHARED.index(("=", "utc"))] is UTC
+    assert all(isinstance(obj, str) for (module, _), obj in zip(SHARED, objects, strict=True) if module == "@")
