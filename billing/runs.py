@@ -463,16 +463,12 @@ def _claim(engine: Engine, drafted: _Drafted, run_id: int) -> None:
         drafted.base = drafted.claim.base
 
 
-def _counters(sequences: Mapping[str, int]) -> Counters:
-    return Counters(**{k: v for k, v in sequences.items() if k in Counters.names()})
-
-
 def _write_prepared(drafted: _Drafted, run_id: int, command_id: int) -> dict[str, int]:
     """Lock the sequences and send the batch's prepared writes if they hold the numbers it was
     drafted with, else renumber it and write it anew. Returns the sequences."""
     assert drafted.base is not None
     sequences = drafted.uow.parts.lock_sequences(())
-    real = _counters(sequences)
+    real = Counters.of(sequences)
     if drafted.writes is not None and _same_numbers(real, drafted.base):
         for write in drafted.writes:
             write()
@@ -495,7 +491,7 @@ def _write_claimed(drafted: _Drafted, run_id: int, command_id: int) -> dict[str,
     session = uow.session
     if claims.turn_taken(session, drafted.claim.after):
         sequences = _write_prepared(drafted, run_id, command_id)
-        claims.release(session, uow.engine, drafted.claim.ticket, _counters(sequences))
+        claims.release(session, uow.engine, drafted.claim.ticket, Counters.of(sequences))
         return sequences
     savepoint = session.begin_nested()
     session.connection()  # the SAVEPOINT goes out now, before the writes sent on the connection itself
@@ -510,7 +506,7 @@ def _write_claimed(drafted: _Drafted, run_id: int, command_id: int) -> dict[str,
     if not collided:
         claims.await_turn(session, drafted.claim.after)
         sequences = uow.parts.lock_sequences(())
-        real = _counters(sequences)
+        real = Counters.of(sequences)
     if not collided and _same_numbers(real, drafted.base):
         for write in [*filter(ordered, drafted.writes), *shared]:
             write()
@@ -518,7 +514,7 @@ def _write_claimed(drafted: _Drafted, run_id: int, command_id: int) -> dict[str,
     else:
         savepoint.rollback()  # the writes and the sequence lock taken after the savepoint
         sequences = uow.parts.lock_sequences(())
-        real = _counters(sequences)
+        real = Counters.of(sequences)
         drafted.outcome = renumber(drafted.book, drafted.outcome, real, drafted.base)
         _writes(drafted, run_id, command_id)
     claims.release(session, uow.engine, drafted.claim.ticket, real)

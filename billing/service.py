@@ -354,7 +354,7 @@ def load_parts(uow: UnitOfWork, stored: StoredBook, ev: Event, customers: Sequen
         loaded = {p.customer for p in stored_parts}
         if any(c not in loaded for c in uow.parts.transitions_by(ev.at)):
             raise ConcurrentModification("a customer's transition came due while the command loaded; retry")
-    counters = Counters(**{k: v for k, v in sequences.items() if k in Counters.names()})
+    counters = Counters.of(sequences)
     book = assemble(Book(stored.settings, stored.catalog), [CustomerPart.loads(p.snapshot) for p in stored_parts],
                     counters, uow.parts.clock())
     return book, {p.customer: p.version for p in stored_parts}, sequences
@@ -362,7 +362,7 @@ def load_parts(uow: UnitOfWork, stored: StoredBook, ev: Event, customers: Sequen
 
 def whole_book(uow: UnitOfWork, stored: StoredBook) -> Book:
     """Every customer's part in one book, for reading (nothing locked, nothing saved)."""
-    counters = Counters(**{k: v for k, v in uow.parts.sequences().items() if k in Counters.names()})
+    counters = Counters.of(uow.parts.sequences())
     parts = [CustomerPart.loads(p.snapshot) for p in uow.parts.load_all()]
     return assemble(Book(stored.settings, stored.catalog), parts, counters, uow.parts.clock())
 

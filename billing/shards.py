@@ -20,7 +20,7 @@ from __future__ import annotations
 import io
 import pickle
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from functools import cache
@@ -51,6 +51,11 @@ class Counters:
     @staticmethod
     def names() -> list[str]:
         return [f.name for f in fields(Counters)]
+
+    @staticmethod
+    def of(sequences: Mapping[str, int]) -> Counters:
+        """The counters among `number_sequences` rows (series -> next); other series are ignored."""
+        return Counters(**{k: v for k, v in sequences.items() if k in Counters.names()})
 
 
 @dataclass
