@@ -144,3 +144,7 @@ def bench_invoice_run(count: int, workers: int, batch: int, seed: int, db: str |
                f"{figures['rows_per_second']} rows/s = {figures['fraction_of_baseline']} of a plain bulk insert "
                f"({figures['baseline_rows_per_second']} rows/s)")
     click.echo(f"  peak RSS {figures['peak_rss_mb']} MB (build {figures['build_seconds']} s)")
+    server = figures["server_cpu_seconds"]
+    click.echo(f"  CPU: workers {figures['worker_cpu_seconds']} s"
+               + ("" if server is None else f", server backends {server} s")
+               + ("" if figures["cores_busy"] is None else f" ({figures['cores_busy']} cores busy)"))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import random
 import resource
 import tempfile
@@ -26,7 +27,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Table, insert, select, text
+from sqlalchemy import Table, event, insert, select, text
 
 from billing.book import Book
 from billing.catalog import Catalog
@@ -179,17 +180,57 @@ def _minor(amount: Decimal, currency: str) -> int:
 
 
 def _worker(url: str, run_id: int | None, batch: int, queue: Any, claim_numbers: bool = False) -> None:
-    """One worker process: plan the run (the first) or join it, bill, report its peak RSS."""
+    """One worker process: plan the run (the first) or join it, bill, report its peak RSS and the
+    CPU it and its server backends used."""
     from billing.runs import run
 
     engine = create_engine(url)
+    backends = BackendCpu(engine)
     ev = InvoiceRunEvent(type="invoice_run", at=AS_OF)
-    started = time.time()
+    started, cpu = time.time(), time.process_time()
     summary = run(engine, ev, actor="bench", batch=batch, join=run_id,
                   skip_locked=engine.dialect.name == "postgresql", claim_numbers=claim_numbers)
-    engine.dispose()
+    cpu = time.process_time() - cpu
+    engine.dispose()  # closes the pooled connections: `backends` reads their CPU as they go
     queue.put({"run": summary.run_id, "invoices": summary.invoices, "started": started,
-               "seconds": time.time() - started, "peak_rss_mb": _peak_rss_mb()})
+               "seconds": time.time() - started, "peak_rss_mb": _peak_rss_mb(), "cpu_seconds": cpu,
+               "server_cpu_seconds": backends.seconds()})
+
+
+class BackendCpu:
+    """The CPU time (user + system) of the PostgreSQL backends serving an engine's connections,
+    read from `/proc/PID/stat` as each connection closes: known only when the server runs on this
+    machine (a backend is a local `postgres` process); `seconds()` is None otherwise, and for
+    SQLite, whose work is the process's own CPU."""
+
+    def __init__(self, engine: Any) -> None:
+        self.total = 0.0
+        self.visible = engine.dialect.name == "postgresql"
+        if self.visible:
+            event.listen(engine, "close", self._closed)
+
+    def _closed(self, dbapi_connection: Any, _record: Any) -> None:
+        used = backend_cpu(int(dbapi_connection.info.backend_pid))
+        if used is None:
+            self.visible = False
+        else:
+            self.total += used
+
+    def seconds(self) -> float | None:
+        return self.total if self.visible else None
+
+
+def backend_cpu(pid: int) -> float | None:
+    """CPU seconds (user + system) of the local `postgres` process `pid`; None if there is none."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    name = stat[stat.index("(") + 1 : stat.rindex(")")]
+    if not name.startswith("postgres"):
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _peak_rss_mb() -> int:
@@ -208,7 +249,8 @@ def measure(url: str, *, workers: int = 1, batch: int = 500) -> dict[str, Any]:
     """Run the month-end invoice run in `workers` processes and time it: `seconds` from planning
     to the last worker's end (what `billing invoice-run` costs), of which `plan_seconds` planning
     and `start_seconds` starting the workers (a new interpreter importing the package) until the
-    last one began billing."""
+    last one began billing; `worker_cpu_seconds` the CPU the workers used billing (every thread),
+    `server_cpu_seconds` that of their PostgreSQL backends (None unless the server is local)."""
     from billing.runs import _plan
 
     ctx = multiprocessing.get_context("spawn")
@@ -227,9 +269,12 @@ def measure(url: str, *, workers: int = 1, batch: int = 500) -> dict[str, Any]:
     for proc in procs:
         proc.join()
     seconds = time.time() - started
+    servers = [r["server_cpu_seconds"] for r in results]
     return {"run": run_id, "seconds": seconds, "plan_seconds": planned - started,
             "start_seconds": max(r["started"] for r in results) - planned,
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in results)}
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
+            "worker_cpu_seconds": sum(r["cpu_seconds"] for r in results),
+            "server_cpu_seconds": None if None in servers else sum(servers)}
 
 
 def baseline(url: str, run_command: int) -> tuple[int, float]:
@@ -314,6 +359,10 @@ def bench(subscriptions: int, *, url: str | None = None, workers: int = 1, batch
     engine.dispose()
     rows, base_seconds = baseline(url, command_id)
     seconds = timed["seconds"]
+    server_cpu = timed["server_cpu_seconds"]
+    postgres = engine.dialect.name == "postgresql"
+    cores_busy = (None if not seconds or (postgres and server_cpu is None)
+                  else round((timed["worker_cpu_seconds"] + (server_cpu or 0.0)) / seconds, 2))
     ours = (invoices + lines) / seconds if seconds else 0.0
     base = rows / base_seconds if base_seconds else 0.0
     return {
@@ -331,6 +380,9 @@ def bench(subscriptions: int, *, url: str | None = None, workers: int = 1, batch
         "plan_seconds": round(timed["plan_seconds"], 3),
         "start_seconds": round(timed["start_seconds"], 3),
         "peak_rss_mb": timed["peak_rss_mb"],
+        "worker_cpu_seconds": round(timed["worker_cpu_seconds"], 2),
+        "server_cpu_seconds": None if server_cpu is None else round(server_cpu, 2),
+        "cores_busy": cores_busy,
         "workers": workers,
         "batch": batch,
         "database": engine.dialect.name,

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from dbkit import Db
 
 from billing.cli import cli
+from billing.run_bench import backend_cpu
 
 KEYS = ("subscriptions", "invoices", "seconds", "subscriptions_per_second", "invoices_per_second",
         "baseline_rows_per_second", "fraction_of_baseline", "peak_rss_mb", "workers")
@@ -26,6 +27,15 @@ def test_bench_invoice_run_prints_its_figures(db: Db) -> None:
     # every monthly subscription renews on 2026-02-01, one invoice per customer with one due
     assert 0 < figures["invoices"] <= figures["customers"] and figures["invoice_lines"] >= 108
     assert figures["seconds"] > 0 and 0 < figures["fraction_of_baseline"] < 10
+    # the CPU it took: the worker's own; a local PostgreSQL server's backends too (SQLite works
+    # inside the worker, so it has none of its own)
+    assert 0 < figures["worker_cpu_seconds"]
+    if db.backend == "postgresql":
+        assert figures["server_cpu_seconds"] > 0
+    else:
+        assert figures["server_cpu_seconds"] is None
+    assert figures["cores_busy"] == round(
+        (figures["worker_cpu_seconds"] + (figures["server_cpu_seconds"] or 0)) / figures["seconds"], 2)
 
 
 def test_bench_invoice_run_in_two_steps(db: Db) -> None:
@@ -43,3 +53,24 @@ def test_bench_invoice_run_in_two_steps(db: Db) -> None:
     assert again.exit_code == 2 and "already run" in again.output
     nowhere = runner.invoke(cli, ["bench", "invoice-run", "--subscriptions", "5", "--step", "build"])
     assert nowhere.exit_code == 2 and "--step build needs --db" in nowhere.output
+
+
+def test_backend_cpu_is_read_only_from_a_local_postgres_process(db: Db) -> None:
+    """The server's CPU is read from /proc for a backend on this machine; any other process (or
+    none) is not taken for one."""
+    import os
+
+    assert backend_cpu(os.getpid()) is None  # this is python, not a postgres backend
+    assert backend_cpu(2**22 + 7) is None  # beyond pid_max: no such process
+    if db.backend == "postgresql":
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(db.url)
+        try:
+            with engine.connect() as conn:
+                pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+                conn.execute(text("SELECT count(*) FROM generate_series(1, 300000)")).scalar_one()
+                used = backend_cpu(pid)
+        finally:
+            engine.dispose()
+        assert used is not None and used > 0
