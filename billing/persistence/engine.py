@@ -100,11 +100,26 @@ def migration_config() -> Config:
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Migrate the database behind `engine` to `revision` (idempotent at head)."""
+    """Migrate the database behind `engine` to `revision` (idempotent at head). A SQLite file is
+    put in WAL mode first (`write_ahead_log`)."""
+    write_ahead_log(engine)
     config = migration_config()
     with engine.begin() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
+
+
+def write_ahead_log(engine: Engine) -> None:
+    """Put a SQLite file in WAL mode (it stays so: the mode is stored in the file). Readers — a
+    report, `billing metrics` — then read the last commit without blocking a run's commits, nor
+    a run them; commits stay durable (`synchronous` stays FULL: the log is synced at each). The
+    database is then the file with its `-wal` and `-shm` beside it while it is open. Where SQLite
+    cannot keep a log (a file system without shared memory) it keeps its rollback journal, which
+    is as safe, only readers and the writer then wait for each other."""
+    if engine.dialect.name != "sqlite" or sqlite_file(engine.url) is None:
+        return
+    with engine.connect() as connection:
+        connection.exec_driver_sql("PRAGMA journal_mode=WAL")
 
 
 def current_revision(engine: Engine) -> str | None:

@@ -98,3 +98,28 @@ def test_view_tables_leave_room_for_updates_in_place_on_postgresql(db: Db) -> No
         options = dict(conn.execute(text(
             "SELECT relname, reloptions FROM pg_class WHERE relname IN ('subscriptions', 'customers')")).all())
     assert options == {"subscriptions": ["fillfactor=50"], "customers": ["fillfactor=50"]}
+
+
+def test_a_sqlite_book_is_in_wal_mode_so_readers_do_not_block_a_run(db: Db) -> None:
+    """`billing init` leaves a SQLite file in WAL mode with durable commits: a reader in the middle
+    of a read transaction (a report during a run) does not keep a writer from committing, and
+    keeps reading what it started with."""
+    if db.backend != "sqlite":
+        pytest.skip("a PostgreSQL reader never blocks a writer")
+    import sqlite3
+
+    path = str(db.engine.url.database)
+    reader, writer = sqlite3.connect(path, isolation_level=None), sqlite3.connect(path, timeout=0.2)
+    try:
+        assert reader.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert reader.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL: the log is synced at commit
+        reader.execute("BEGIN")
+        before = reader.execute("SELECT count(*) FROM number_sequences").fetchone()[0]
+        writer.execute("INSERT INTO number_sequences (series, prefix, next) VALUES ('wal-check', '', 1)")
+        writer.commit()  # a rollback journal would refuse: "database is locked" after 0.2 s
+        assert reader.execute("SELECT count(*) FROM number_sequences").fetchone()[0] == before
+        reader.execute("COMMIT")
+        assert reader.execute("SELECT count(*) FROM number_sequences").fetchone()[0] == before + 1
+    finally:
+        reader.close()
+        writer.close()
