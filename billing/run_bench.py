@@ -27,7 +27,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Table, event, insert, select, text
+from sqlalchemy import Engine, Table, event, insert, select, text
 
 from billing.book import Book
 from billing.catalog import Catalog
@@ -203,7 +203,7 @@ class BackendCpu:
     machine (a backend is a local `postgres` process); `seconds()` is None otherwise, and for
     SQLite, whose work is the process's own CPU."""
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.total = 0.0
         self.visible = engine.dialect.name == "postgresql"
         if self.visible:

@@ -114,12 +114,16 @@ def write_ahead_log(engine: Engine) -> None:
     report, `billing metrics` — then read the last commit without blocking a run's commits, nor
     a run them; commits stay durable (`synchronous` stays FULL: the log is synced at each). The
     database is then the file with its `-wal` and `-shm` beside it while it is open. Where SQLite
-    cannot keep a log (a file system without shared memory) it keeps its rollback journal, which
-    is as safe, only readers and the writer then wait for each other."""
+    cannot keep a log (a file system without shared memory), or cannot switch now (another
+    process has the file open), it keeps its rollback journal, which is as safe, only readers and
+    the writer then wait for each other; the next `billing init` tries again."""
     if engine.dialect.name != "sqlite" or sqlite_file(engine.url) is None:
         return
-    with engine.connect() as connection:
-        connection.exec_driver_sql("PRAGMA journal_mode=WAL")
+    try:
+        with engine.connect() as connection:
+            connection.exec_driver_sql("PRAGMA journal_mode=WAL")
+    except sa.exc.OperationalError:  # "database is locked": switched the next time
+        pass
 
 
 def current_revision(engine: Engine) -> str | None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import sqlalchemy as sa
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -11,7 +14,7 @@ from sqlalchemy import inspect, text
 
 from billing import service
 from billing.persistence import current_revision, head_revision, upgrade
-from billing.persistence.engine import migration_config
+from billing.persistence.engine import migration_config, write_ahead_log
 from billing.persistence.tables import Base
 
 TABLES = {
@@ -123,3 +126,37 @@ def test_a_sqlite_book_is_in_wal_mode_so_readers_do_not_block_a_run(db: Db) -> N
     finally:
         reader.close()
         writer.close()
+
+
+def test_a_sqlite_file_in_use_keeps_its_journal_until_the_next_init(tmp_path: Path) -> None:
+    """Switching to WAL needs the file to itself: while another process writes, `billing init`
+    leaves the rollback journal as it is (no error, nothing lost) and the next one switches."""
+    import sqlite3
+
+    path = tmp_path / "busy.sqlite"
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("CREATE TABLE kept (n INTEGER)")
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("INSERT INTO kept VALUES (1)")
+        engine = sa.create_engine(f"sqlite:///{path}", connect_args={"timeout": 0.1})
+        write_ahead_log(engine)
+        other.execute("COMMIT")
+        assert _journal_mode(path) == "delete"
+        write_ahead_log(engine)
+        engine.dispose()
+        assert _journal_mode(path) == "wal"
+        assert other.execute("SELECT n FROM kept").fetchall() == [(1,)]
+    finally:
+        other.close()
+
+
+def _journal_mode(path: Path) -> str:
+    """The journal mode stored in the file, as a new connection finds it."""
+    import sqlite3
+
+    fresh = sqlite3.connect(path)
+    try:
+        return str(fresh.execute("PRAGMA journal_mode").fetchone()[0])
+    finally:
+        fresh.close()
