@@ -27,6 +27,9 @@ def invoice_run_command(engine: Engine, db: str, *, as_of: datetime | None, dry_
 
     from billing.persistence import UnitOfWork
 
+    postgres = engine.dialect.name == "postgresql"
+    if (workers > 1 or join is not None) and not postgres:
+        raise ServiceError("SQLite has one writer: --workers and --join need PostgreSQL (see README, Scaling)")
     if join is not None:
         with UnitOfWork(engine) as uow:
             stored = uow.runs.get(join)
@@ -35,9 +38,6 @@ def invoice_run_command(engine: Engine, db: str, *, as_of: datetime | None, dry_
         as_of = stored.as_of
     if as_of is None:
         raise click.UsageError("Missing option '--as-of' (or --join RUN_ID).")
-    postgres = engine.dialect.name == "postgresql"
-    if (workers > 1 or join is not None) and not postgres:
-        raise ServiceError("SQLite has one writer: --workers and --join need PostgreSQL (see README, Scaling)")
     ev = InvoiceRunEvent(type="invoice_run", at=as_of)
     bar = tqdm(total=0, unit="customer", desc="invoice run", file=sys.stderr,
                disable=quiet or not sys.stderr.isatty(), leave=False)

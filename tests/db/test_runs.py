@@ -16,7 +16,6 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -296,14 +295,16 @@ def test_a_dry_run_writes_nothing(db: Db, reference: list[tuple[Any, ...]]) -> N
         assert {p.customer: p.version for p in uow.parts.load_all()} == versions
 
 
-def test_sqlite_refuses_workers(db: Db, tmp_path: Path) -> None:
+@pytest.mark.parametrize("option", [["--as-of", "2026-02-01", "--workers", "2"], ["--join", "999"]])
+def test_sqlite_refuses_workers(db: Db, option: list[str]) -> None:
+    """Before anything else: a run number that does not exist does not hide the reason."""
     if db.backend != "sqlite":
         pytest.skip("PostgreSQL takes workers")
     result = subprocess.run([sys.executable, "-c", "from billing.cli import main; main()", "invoice-run",
-                             "--as-of", "2026-02-01", "--db", db.url, "--workers", "2"], capture_output=True,
-                            timeout=120, env={**os.environ})
-    assert result.returncode != 0 and b"one writer" in result.stderr
-    _ = datetime.now(UTC)
+                             *option, "--db", db.url], capture_output=True, timeout=120, env={**os.environ})
+    assert result.returncode == 2 and b"SQLite has one writer" in result.stderr
+    with UnitOfWork(db.engine) as uow:
+        assert uow.runs.get(1) is None  # nothing planned
 
 
 def test_a_run_that_cannot_go_on_is_marked_failed_and_resumed_by_the_same_command(
