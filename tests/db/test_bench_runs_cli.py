@@ -32,7 +32,7 @@ def test_bench_invoice_run_prints_its_figures(db: Db) -> None:
     # inside the worker, so it has none of its own)
     assert 0 < figures["worker_cpu_seconds"]
     if db.backend == "postgresql":
-        assert figures["server_cpu_seconds"] > 0
+        assert figures["server_cpu_seconds"] >= 0  # read (a small run may take under one clock tick)
     else:
         assert figures["server_cpu_seconds"] is None
     busy = (figures["worker_cpu_seconds"] + (figures["server_cpu_seconds"] or 0)) / figures["seconds"]
@@ -70,7 +70,7 @@ def test_backend_cpu_is_read_only_from_a_local_postgres_process(db: Db) -> None:
         try:
             with engine.connect() as conn:
                 pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
-                conn.execute(text("SELECT count(*) FROM generate_series(1, 300000)")).scalar_one()
+                conn.execute(text("SELECT count(*) FROM generate_series(1, 3000000)")).scalar_one()
                 used = backend_cpu(pid)
         finally:
             engine.dispose()
