@@ -192,8 +192,7 @@ def test_a_number_taken_while_a_batch_is_drafted_renumbers_it(db: Db, reference:
     if db.backend != "postgresql":
         pytest.skip("PostgreSQL workers draft the next batch while one is written")
     build(db.url, SUBSCRIPTIONS)
-    original_draft, original_renumber = runs._draft_batch, runs.renumber
-    renumbered: list[int] = []
+    original_draft = runs._draft_batch
     joined: list[Any] = []
 
     def draft(engine: Any, run_id: int, *args: Any, **kwargs: Any) -> Any:
@@ -205,12 +204,8 @@ def test_a_number_taken_while_a_batch_is_drafted_renumbers_it(db: Db, reference:
             joined[0] = run(db.engine, RUN, actor="other", batch=BATCH, join=run_id, skip_locked=True)
         return drafted
 
-    def renumber(*args: Any, **kwargs: Any) -> Any:
-        renumbered.append(1)
-        return original_renumber(*args, **kwargs)
-
     monkeypatch.setattr(runs, "_draft_batch", draft)
-    monkeypatch.setattr(runs, "renumber", renumber)
+    renumbered = _count_calls(monkeypatch, runs, "renumber")
     summary = run(db.engine, RUN, actor="t", batch=BATCH, skip_locked=True)
     assert summary.state == "done" and summary.failed == []
     assert len(joined) == 1 and joined[0].batches > 0
@@ -390,14 +385,7 @@ def test_a_change_to_a_customer_of_a_batch_waits_until_the_batch_commits(
     if db.backend != "postgresql":
         pytest.skip("row locks: on SQLite the batch holds the write lock, so every writer waits anyway")
     build(db.url, SUBSCRIPTIONS)
-    attempts: list[int] = []
-    original = service._execute_once
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        attempts.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(service, "_execute_once", counted)
+    attempts = _count_calls(monkeypatch, service, "_execute_once")
     seen: dict[str, Any] = {}
 
     def change(sub: str, quantity: int) -> None:
@@ -543,14 +531,7 @@ def test_a_claimed_batch_written_while_the_one_before_it_is_open_waits_for_it(
     assert second.claim.after == first.claim.ticket
     assert second.base is not None and first.base is not None
     assert second.base.invoice == first.base.invoice + len(first.outcome.issued) > first.base.invoice
-    renumbered: list[int] = []
-    original_renumber = runs.renumber
-
-    def renumber(*args: Any, **kwargs: Any) -> Any:
-        renumbered.append(1)
-        return original_renumber(*args, **kwargs)
-
-    monkeypatch.setattr(runs, "renumber", renumber)
+    renumbered = _count_calls(monkeypatch, runs, "renumber")
     with ThreadPoolExecutor(1) as pool:
         later = pool.submit(runs._write_batch, second, run_id, command_id, None)
         time.sleep(0.5)
@@ -569,3 +550,16 @@ def test_a_claimed_batch_written_while_the_one_before_it_is_open_waits_for_it(
     _check_once_and_gap_free(db.url)
     with UnitOfWork(db.engine) as uow:
         assert uow.session.scalar(text("SELECT count(*) FROM number_claims")) == 0
+
+
+def _count_calls(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> list[int]:
+    """Wrap `owner.name` for the test: a list that gets a 1 for each call, which goes through."""
+    calls: list[int] = []
+    original = getattr(owner, name)
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
